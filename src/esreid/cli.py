@@ -1,0 +1,211 @@
+"""The ``esreid`` command: train, evaluate, sweep, synth, demo, plot, report, explain."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from esreid import __version__
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="a preset name (see `esreid presets`) or a path to a YAML file")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set data.root=~/datasets optim.epochs=60")
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from esreid.config import list_presets, load_config
+
+    for name in list_presets():
+        cfg = load_config(name)
+        m, e = cfg.model, cfg.erase
+        branches = "+".join(b for b, on in (("AIB", m.aib), ("ESB", m.esb)) if on)
+        erase = "" if e.method == "none" else f" erase={e.method}(R={e.ratio},P={e.prob})"
+        print(f"{name:24s} {m.backbone} {branches} esb_pool={m.esb_pool if m.esb else '-'}"
+              f" triplet={cfg.loss.triplet}{erase} {cfg.data.height}x{cfg.data.width}"
+              f" {cfg.optim.epochs}ep")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from esreid.config import load_config
+    from esreid.engine.evaluate import format_metrics
+    from esreid.engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    if args.resume:
+        path = trainer.run_dir / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+        trainer.load_checkpoint(path)
+    result = trainer.fit(evaluate=not args.no_eval)
+    if result is not None:
+        print(f"{cfg.name}: {format_metrics(result['metrics'])}")
+        print(f"results: {trainer.run_dir / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from esreid.config import load_config
+    from esreid.engine.evaluate import evaluate_model, format_metrics
+    from esreid.engine.trainer import load_data, model_from_checkpoint
+    from esreid.metrics import write_results
+    from esreid.utils import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(cfg, Path(args.checkpoint)).to(device)
+    data = load_data(cfg)
+    with torch.no_grad():
+        result = evaluate_model(model, data, cfg, device)
+    result["checkpoint"] = str(args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / (
+        "results_rerank.json" if cfg.eval.rerank else "results.json")
+    write_results(out, result)
+    print(f"{cfg.name} on {data.name}: {format_metrics(result['metrics'])}")
+    print(f"results: {out}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from esreid.config import load_config
+    from esreid.engine.trainer import Trainer
+    from esreid.metrics import build_report
+
+    paths = []
+    for value in args.values:
+        cfg = load_config(args.config, args.overrides + [f"{args.param}={value}"])
+        cfg.train.run_name = f"{cfg.train.run_name or cfg.name}_{args.param.split('.')[-1]}{value}"
+        trainer = Trainer(cfg)
+        trainer.fit()
+        paths.append(trainer.run_dir)
+    print(build_report(paths, with_paper=False))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from esreid.data.synthetic import generate_synthetic
+
+    summary = generate_synthetic(Path(args.out), num_ids=args.ids, num_cams=args.cams,
+                                 height=args.height, width=args.width, seed=args.seed)
+    print(f"wrote the synthetic benchmark to {args.out}: {summary}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from esreid.demo import run_demo
+
+    run_demo(out_dir=Path(args.out), quick=args.quick)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from esreid.plot import plot_run
+
+    for run in args.runs:
+        for path in plot_run(Path(run)):
+            print(path)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from esreid.metrics import build_report
+
+    print(build_report([Path(p) for p in args.runs], with_paper=not args.no_paper))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from esreid.explain import explain_queries
+
+    for path in explain_queries(args.config, args.overrides, Path(args.checkpoint),
+                                num_queries=args.queries, top_k=args.top_k, out_dir=Path(args.out)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``esreid`` command."""
+    parser = argparse.ArgumentParser(
+        prog="esreid",
+        description="Person and vehicle re-identification with ES-Net "
+                    "(Erasing Salient Parts to Learn More in Re-Identification).",
+    )
+    parser.add_argument("--version", action="version", version=f"esreid {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a preset or YAML config")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="CHECKPOINT|auto",
+                   help="continue from a checkpoint (auto: the run folder's last.pt)")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the config's dataset")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `esreid train`")
+    p.add_argument("--out", help="results JSON to write (default: the run folder's results.json)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="train one run per value of a config key (e.g. Fig. 4's R)")
+    _add_config_args(p)
+    p.add_argument("--param", required=True, help="the key to sweep, e.g. erase.ratio")
+    p.add_argument("--values", required=True, nargs="+", help="values, e.g. 0 0.1 0.2 0.3 0.4")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("synth", help="write the embedded synthetic benchmark (Market-1501 layout)")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--ids", type=int, default=300, help="number of identities (default 300)")
+    p.add_argument("--cams", type=int, default=6, help="number of cameras (default 6)")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("demo", help="train Base and ES-Net on the synthetic benchmark (CPU, minutes)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plot", help="draw a run's loss, lr, over-erasing diagnostic, P-pooling l "
+                                    "and metrics to PNG files")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("report", help="Markdown table comparing runs (with the paper's rows)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--no-paper", action="store_true", help="leave out the paper's published rows")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("explain", help="CG-RAM heat maps of queries and their top gallery matches")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--queries", type=int, default=4, help="number of queries (default 4)")
+    p.add_argument("--top-k", type=int, default=1, help="gallery matches per query (default 1)")
+    p.add_argument("--out", default="explanations", help="output folder")
+    p.set_defaults(func=_cmd_explain)
+
+    sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``esreid`` console script; returns the exit code."""
+    from esreid.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # Expected user errors get one clear line, not a traceback.
+        print(f"esreid {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

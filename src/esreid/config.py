@@ -1,0 +1,342 @@
+"""Experiment configuration: a few dataclasses filled from a YAML preset plus overrides.
+
+A preset is a YAML file of sections (``data``, ``model``, ``erase``, ``loss``, ``optim``,
+``train``, ``eval``). It may name another preset under ``extends:`` and then only lists the
+keys it changes. ``--set section.key=value`` overrides are applied last. Every key must exist
+in the dataclasses below: an unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how images are sized and how batches are sampled."""
+
+    name: str = "market1501"  # market1501 | dukemtmc | msmt17 | veri776 | vehicleid | custom | synthetic
+    root: str = "data"  # folder holding the benchmark (or the benchmark folder itself)
+    height: int = 384
+    width: int = 128
+    ids_per_batch: int = 16  # J identities per batch
+    num_instances: int = 4  # K images per identity
+    num_workers: int = 2
+    flip_prob: float = 0.5
+    pad: int = 0  # >0: pad then random-crop back to size
+    test_size: int = 800  # VehicleID test list: 800 | 1600 | 2400
+    synth_ids: int = 300  # synthetic benchmark: number of identities (generated when missing)
+    synth_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and branches. ``aib``/``esb`` switch the two branches of ES-Net on and off."""
+
+    backbone: str = "resnet50"  # resnet10 (tests) | resnet18 | resnet34 | resnet50 | resnet101
+    pretrained: str = "imagenet"  # imagenet | none | path to a state-dict file
+    last_stride: int = 1
+    split: str = "layer3"  # first stage each branch owns (layer3: share stem+layer1+layer2)
+    aib: bool = True  # All Information Branch: clean images
+    esb: bool = True  # Erasing Salient Branch: erased images
+    aib_pool: str = "gap"  # gap | gmp | ppool
+    esb_pool: str = "ppool"
+    ppool_init: float = 3.0
+    ppool_per_channel: bool = False
+
+
+@dataclass
+class EraseConfig:
+    """How the ESB's input is erased during training (BESM or a comparison eraser)."""
+
+    method: str = "besm"  # none | besm | random | gradcam | bfd
+    ratio: float = 0.2  # R: fraction of pixel positions erased (besm, gradcam)
+    prob: float = 0.5  # P: probability that an image is erased
+    value: float = 0.0  # erase value in normalised space
+    layer: str = "layer4"  # ESB stage whose output is the CG-RAM layer L (res_conv5 = layer4)
+    bfd_height: float = 0.3  # batch feature dropping block, as fractions of the feature map
+    bfd_width: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """Eq. 1: per branch, label-smoothed cross-entropy plus batch-hard triplet loss."""
+
+    label_smooth: float = 0.1
+    triplet: bool = True
+    margin: float = 0.3
+
+
+@dataclass
+class OptimConfig:
+    """Adam with linear warm-up then step decay (the paper's person schedule by default)."""
+
+    epochs: int = 120
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 10.0
+    milestones: list[int] = field(default_factory=lambda: [40, 70])
+    gamma: float = 0.1
+    iters_per_epoch: int = 0  # 0: one pass over the training set; >0 caps an epoch (demo)
+
+
+@dataclass
+class TrainConfig:
+    """Run bookkeeping: seed, device, checkpoints, logging."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # mixed precision on CUDA
+    output_dir: str = "runs"
+    run_name: str = ""  # default: the preset name
+    checkpoint_every: int = 10  # epochs; the last epoch is always saved
+    eval_every: int = 0  # epochs; 0: evaluate once at the end
+    diagnose_erasing: bool = True  # log the over-erasing diagnostic (Fig. 3) every epoch
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation."""
+
+    metric: str = "cosine"  # cosine | euclidean
+    flip: bool = True  # average descriptors of the image and its mirror
+    batch_size: int = 128
+    rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017)
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    num_draws: int = 10  # VehicleID protocol draws
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``resolved_config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with esreid."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"unknown preset {str(name_or_path)!r}: expected a .yaml path or one of {', '.join(list_presets())}"
+    )
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset, resolving ``extends`` recursively (a file's own keys win)."""
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, seen + (path,)))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = _preset_path(parent) if not str(parent).endswith((".yaml", ".yml")) else (
+        (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    )
+    return _merge(_read_yaml(parent_path, seen + (path,)), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into its key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot parse value {value!r}: {err}") from err
+    return key.split("."), parsed
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``, converting int->float and None->'none'."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key {key}: unsupported type {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            return "none"
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+    raise ConfigError(f"config key {key}: unsupported type {tp}")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def build_config(raw: dict[str, Any], name: str = "custom") -> Config:
+    """Turn a nested dict into a validated :class:`Config`; unknown keys raise ConfigError."""
+    cfg = Config(name=str(raw.get("name", name)))
+    sections = _section_types(Config)
+    for section, values in raw.items():
+        if section == "name":
+            continue
+        if section not in sections or section == "name":
+            valid = ", ".join(s for s in sections if s != "name")
+            raise ConfigError(f"unknown config section {section!r} (valid: {valid})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        target = getattr(cfg, section)
+        fields = _section_types(type(target))
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown config key {section}.{key} (valid keys of {section}: {', '.join(fields)})"
+                )
+            setattr(target, key, _coerce(value, fields[key], f"{section}.{key}"))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and choices that types alone cannot; raise ConfigError naming the key."""
+    def choice(key: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(options)}")
+
+    choice("model.aib_pool", cfg.model.aib_pool, ("gap", "gmp", "ppool"))
+    choice("model.esb_pool", cfg.model.esb_pool, ("gap", "gmp", "ppool"))
+    choice("model.split", cfg.model.split, ("layer1", "layer2", "layer3", "layer4"))
+    choice("erase.method", cfg.erase.method, ("none", "besm", "random", "gradcam", "bfd"))
+    choice("erase.layer", cfg.erase.layer, ("layer3", "layer4"))
+    choice("eval.metric", cfg.eval.metric, ("cosine", "euclidean"))
+    if not (cfg.model.aib or cfg.model.esb):
+        raise ConfigError("model.aib and model.esb are both false: at least one branch is needed")
+    if not 0.0 <= cfg.erase.ratio <= 1.0:
+        raise ConfigError(f"config key erase.ratio: {cfg.erase.ratio} is outside [0, 1]")
+    if not 0.0 <= cfg.erase.prob <= 1.0:
+        raise ConfigError(f"config key erase.prob: {cfg.erase.prob} is outside [0, 1]")
+    if cfg.erase.method != "none" and not cfg.model.esb:
+        raise ConfigError(
+            f"erase.method={cfg.erase.method} erases the ESB's input but model.esb is false"
+        )
+    order = ("layer1", "layer2", "layer3", "layer4")
+    if cfg.model.esb and order.index(cfg.erase.layer) < order.index(cfg.model.split):
+        raise ConfigError(
+            f"config key erase.layer: {cfg.erase.layer} lies before model.split={cfg.model.split}, "
+            "so it is not inside the ESB"
+        )
+    if cfg.data.ids_per_batch < 2 or cfg.data.num_instances < 1:
+        raise ConfigError("data.ids_per_batch must be >= 2 and data.num_instances >= 1")
+    if cfg.optim.epochs < 1:
+        raise ConfigError(f"config key optim.epochs: must be >= 1, got {cfg.optim.epochs}")
+    if sorted(cfg.optim.milestones) != cfg.optim.milestones:
+        raise ConfigError(f"config key optim.milestones: must be increasing, got {cfg.optim.milestones}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested dict (a new dict is returned)."""
+    out = _merge(raw, {})
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) != 2:
+            raise ConfigError(f"override {text!r}: keys look like section.key (e.g. optim.lr=1e-4)")
+        section, key = path
+        node = out.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {text!r}: {section} is not a section")
+        node[key] = value
+    return out
+
+
+def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a preset name (see :func:`list_presets`) or YAML path, apply overrides, validate."""
+    path = _preset_path(preset)
+    raw = _read_yaml(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    default_name = path.stem
+    return build_config(raw, name=raw.pop("name", default_name))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from esreid.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

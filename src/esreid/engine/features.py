@@ -1,0 +1,49 @@
+"""Descriptor extraction: eval mode, optional flip averaging, batches from a loader."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    flip: bool = True,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Embed every image of ``loader`` (batches of ``(images, pids, camids, ...)``).
+
+    Returns ``(features [N, D] float32 on CPU, pids [N], camids [N])``. With ``flip`` the
+    descriptor is the mean of the image's and its mirror's (the paper's test-time flip).
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    feats, pids, camids = [], [], []
+    start, seen = time.time(), 0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch")
+    try:
+        for batch in bar:
+            images = batch[0].to(device, non_blocking=True)
+            f = model(images)
+            if flip:
+                f = (f + model(torch.flip(images, dims=[3]))) / 2
+            feats.append(f.float().cpu())
+            pids.append(np.asarray(batch[1]))
+            camids.append(np.asarray(batch[2]))
+            seen += images.shape[0]
+            bar.set_postfix(img_s=f"{seen / max(time.time() - start, 1e-9):.0f}")
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError(f"{desc}: the loader yielded no images")
+    return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)

@@ -1,0 +1,116 @@
+"""Explanations of rankings: CG-RAM heat maps of a query and its top gallery matches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from esreid.config import Config, load_config
+from esreid.data.records import Record
+from esreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from esreid.models.esnet import ESNet
+from esreid.saliency import cg_ram, denormalize, save_pair_figure, upsample_saliency
+
+
+def explanation_layer(model: ESNet) -> torch.nn.Module:
+    """The layer CG-RAM explains by default: the ESB's last stage (res_conv5), else the AIB's."""
+    branch = model.esb if model.esb is not None else model.aib
+    return list(branch.stages.children())[-1]
+
+
+def _load_images(records: Sequence[Record], cfg: Config) -> torch.Tensor:
+    tf = build_transforms(cfg.data.height, cfg.data.width, is_train=False)
+    return torch.stack([tf(Image.open(r.path).convert("RGB")) for r in records])
+
+
+def explain_pairs(
+    model: ESNet,
+    cfg: Config,
+    queries: Sequence[Record],
+    gallery: Sequence[Record],
+    gallery_features: torch.Tensor,
+    query_features: torch.Tensor,
+    out_dir: Path,
+    top_k: int = 1,
+    prefix: str = "",
+    metric: str | None = None,
+) -> list[Path]:
+    """Save a CG-RAM figure for each query and each of its ``top_k`` gallery matches.
+
+    ``query_features``/``gallery_features`` are the descriptors used for ranking (the matches
+    are found by ``metric`` distance, default the config's). Each PNG shows the query, its
+    heat map, the gallery image and its heat map, titled with ids, rank and whether the match
+    is correct. Returns the written paths.
+    """
+    from esreid.metrics import compute_distance
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dist = compute_distance(query_features, gallery_features, metric=metric or cfg.eval.metric)
+    device = next(model.parameters()).device
+    layer = explanation_layer(model)
+    was_training = model.training
+    model.eval()
+    paths = []
+    try:
+        for qi, q in enumerate(queries):
+            # The Market protocol ignores same-camera matches of the same identity.
+            valid = [j for j in np.argsort(dist[qi], kind="stable")
+                     if not (gallery[j].pid == q.pid and gallery[j].camid == q.camid)
+                     and gallery[j].pid != -1]
+            picks = valid[:top_k]
+            q_img = _load_images([q], cfg).to(device)
+            for rank, gj in enumerate(picks, start=1):
+                g = gallery[gj]
+                g_img = _load_images([g], cfg).to(device)
+                q_map, g_map = cg_ram(model, layer, q_img, g_img, return_gallery=True)
+                size = q_img.shape[-2:]
+                q_map = upsample_saliency(q_map, size)[0]
+                g_map = upsample_saliency(g_map, size)[0]
+                ok = "correct" if g.pid == q.pid else "WRONG"
+                title = (f"query id {q.original_pid} cam {q.camid + 1} | rank {rank}: id "
+                         f"{g.original_pid} cam {g.camid + 1} ({ok}, d={dist[qi, gj]:.3f})")
+                path = out_dir / f"{prefix}query{qi:02d}_rank{rank}.png"
+                save_pair_figure(path, denormalize(q_img, IMAGENET_MEAN, IMAGENET_STD)[0],
+                                 denormalize(g_img, IMAGENET_MEAN, IMAGENET_STD)[0],
+                                 q_map.cpu(), g_map.cpu(), title=title)
+                paths.append(path)
+    finally:
+        model.train(was_training)
+    return paths
+
+
+def pick_queries(queries: Sequence[Record], n: int) -> list[int]:
+    """``n`` query indices spread evenly over the query list (deterministic)."""
+    if n <= 0 or not queries:
+        return []
+    return sorted({int(i) for i in np.linspace(0, len(queries) - 1, num=min(n, len(queries)))})
+
+
+def explain_queries(preset: str, overrides: list[str], checkpoint: Path, num_queries: int = 4,
+                    top_k: int = 1, out_dir: Path = Path("explanations")) -> list[Path]:
+    """CLI helper: load a trained model, rank the gallery for a few queries, save heat maps."""
+    from esreid.data.loader import build_test_loader
+    from esreid.engine.features import extract_features
+    from esreid.engine.trainer import load_data, model_from_checkpoint
+    from esreid.utils import resolve_device
+
+    cfg = load_config(preset, overrides)
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(cfg, checkpoint).to(device)
+    data = load_data(cfg)
+    idx = pick_queries(data.query, num_queries)
+    queries = [data.query[i] for i in idx]
+
+    def embed(records):
+        loader = build_test_loader(records, cfg.data.height, cfg.data.width,
+                                   batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+        return extract_features(model, loader, device, flip=cfg.eval.flip,
+                                progress=cfg.train.progress)[0]
+
+    return explain_pairs(model, cfg, queries, data.gallery, embed(data.gallery), embed(queries),
+                         out_dir, top_k=top_k)
