@@ -18,15 +18,15 @@ import torch
 from tqdm import tqdm
 
 from esreid import __version__
-from esreid.config import Config, LossConfig, save_config
+from esreid.config import Config, save_config
 from esreid.data import load_dataset
 from esreid.data.loader import build_train_loader
 from esreid.data.records import ReIDData
 from esreid.engine.evaluate import evaluate_model, format_metrics
+from esreid.engine.objective import branch_loss, total_loss
 from esreid.engine.schedule import build_scheduler
-from esreid.losses import batch_hard_triplet_loss, cross_entropy_label_smooth
 from esreid.metrics import write_results
-from esreid.models.esnet import BranchOutput, ESNet, TrainOutput, build_model
+from esreid.models.esnet import ESNet, build_model
 from esreid.saliency import besm_erase
 from esreid.utils import (
     atomic_torch_save,
@@ -55,25 +55,6 @@ def load_data(cfg: Config) -> ReIDData:
     if name == "vehicleid":
         options["test_size"] = cfg.data.test_size
     return load_dataset(name, root, **options)
-
-
-def branch_loss(out: BranchOutput, pids: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """One branch's share of Eq. 1: ID loss (label-smoothed CE) and batch-hard triplet loss."""
-    parts = {"id": cross_entropy_label_smooth(out.logits, pids, cfg.label_smooth)}
-    if cfg.triplet:
-        parts["triplet"] = batch_hard_triplet_loss(out.feat, pids, cfg.margin)
-    return parts
-
-
-def total_loss(out: TrainOutput, pids: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 1 summed over the present branches; returns the loss and its parts as floats."""
-    total = torch.zeros((), device=pids.device)
-    parts: dict[str, float] = {}
-    for name, branch_out in out.branches.items():
-        for kind, value in branch_loss(branch_out, pids, cfg).items():
-            total = total + value
-            parts[f"{kind}_{name}"] = float(value.detach())
-    return total, parts
 
 
 @dataclass

@@ -1,0 +1,229 @@
+"""The Bag-of-Tricks baseline and ES-Net, composed from a shared trunk and one or two branches.
+
+ES-Net (paper, Fig. 2): a shared trunk (ResNet stem + layer1 + layer2) feeds the All
+Information Branch (its own layer3 + layer4, GAP, BNNeck) on clean images and the Erasing
+Salient Branch (its own layer3 + layer4, P-pooling, BNNeck) on BESM-erased images. The
+baseline is the same network with the AIB alone, i.e. a plain last-stride-1 ResNet + BNNeck.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from esreid.config import EraseConfig, ModelConfig
+from esreid.models.backbone import STAGES, build_resnet, feature_dim, stem
+from esreid.models.heads import BNNeck
+from esreid.models.pooling import build_pooling
+from esreid.saliency import (
+    batch_cg_ram,
+    batch_feature_drop,
+    besm_erase,
+    grad_cam_batch,
+    random_erase,
+)
+
+
+@dataclass
+class BranchOutput:
+    """What one branch produces for a batch.
+
+    ``feat``: pooled feature before the BNNeck (triplet loss), ``bn_feat``: after it
+    (retrieval descriptor), ``logits``: identity classifier output.
+    """
+
+    feat: torch.Tensor
+    bn_feat: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class TrainOutput:
+    """A training forward: per-branch outputs plus what the eraser did."""
+
+    branches: dict[str, BranchOutput]
+    was_erased: torch.Tensor | None = None
+    erased_images: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Branch(nn.Module):
+    """A branch's own ResNet stages, global pooling and BNNeck head.
+
+    ``stages`` is an ordered mapping like ``{"layer3": ..., "layer4": ...}``.
+    """
+
+    def __init__(self, stages: nn.Sequential, pool: nn.Module, neck: BNNeck) -> None:
+        super().__init__()
+        self.stages = stages
+        self.pool = pool
+        self.neck = neck
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Names of the stages this branch owns, in order."""
+        return [name for name, _ in self.stages.named_children()]
+
+    def feature_map(self, x: torch.Tensor, upto: str | None = None) -> torch.Tensor:
+        """Run the stages on trunk output ``x`` up to and including stage ``upto`` (default all)."""
+        for name, stage in self.stages.named_children():
+            x = stage(x)
+            if name == upto:
+                break
+        return x
+
+    def head(self, fmap: torch.Tensor, after: str | None = None) -> BranchOutput:
+        """Finish the branch from the output of stage ``after`` (default: the last stage)."""
+        if after is not None and after not in self.stage_names:
+            raise ValueError(f"stage {after!r} is not in this branch ({self.stage_names})")
+        started = False
+        for name, stage in self.stages.named_children():
+            if started:
+                fmap = stage(fmap)
+            elif name == after:
+                started = True
+        feat = self.pool(fmap)
+        bn_feat, logits = self.neck(feat)
+        return BranchOutput(feat=feat, bn_feat=bn_feat, logits=logits)
+
+    def forward(self, x: torch.Tensor) -> BranchOutput:
+        return self.head(self.feature_map(x))
+
+
+class ESNet(nn.Module):
+    """Shared trunk plus an optional AIB and an optional ESB.
+
+    ``forward(images) -> descriptors [N, D]`` (concatenated BNNeck features of the branches;
+    what retrieval uses). :meth:`forward_train` runs a training step's forward, erasing the
+    ESB's input as ``erase`` says.
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        aib: Branch | None,
+        esb: Branch | None,
+        erase: EraseConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if aib is None and esb is None:
+            raise ValueError("ESNet needs at least one branch")
+        self.trunk = trunk
+        self.aib = aib
+        self.esb = esb
+        self.erase = erase or EraseConfig(method="none")
+        if self.erase.method != "none" and esb is None:
+            raise ValueError(f"erase.method={self.erase.method} needs an ESB")
+
+    def branches(self) -> dict[str, Branch]:
+        """The present branches by name (``aib`` first)."""
+        return {k: b for k, b in (("aib", self.aib), ("esb", self.esb)) if b is not None}
+
+    @property
+    def descriptor_dim(self) -> int:
+        """Length of the retrieval descriptor."""
+        return sum(b.neck.bn.num_features for b in self.branches().values())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        shared = self.trunk(images)
+        return torch.cat([b(shared).bn_feat for b in self.branches().values()], dim=1)
+
+    # --- training -----------------------------------------------------------------------
+
+    def saliency_maps(self, images: torch.Tensor, pids: torch.Tensor, branch: str = "esb",
+                      shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch CG-RAM maps [N, h, w] (Eq. 5) at layer ``erase.layer`` of ``branch``.
+
+        The feature map comes from a no-grad forward of the branch's stages on the clean
+        batch; only the part of the branch after that layer is differentiated.
+        """
+        b = self.branches()[branch]
+        layer = self.erase.layer if self.erase.layer in b.stage_names else b.stage_names[-1]
+        with torch.no_grad():
+            if shared is None:
+                shared = self.trunk(images)
+            fmap = b.feature_map(shared.detach(), upto=layer)
+        return batch_cg_ram(lambda a: b.head(a, after=layer).bn_feat, fmap, pids)
+
+    def _gradcam_maps(self, shared: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        b = self.esb
+        layer = self.erase.layer
+        with torch.no_grad():
+            fmap = b.feature_map(shared.detach(), upto=layer)
+        return grad_cam_batch(lambda a: b.head(a, after=layer).logits, fmap, pids)
+
+    def forward_train(
+        self, images: torch.Tensor, pids: torch.Tensor, generator: torch.Generator | None = None
+    ) -> TrainOutput:
+        """Forward of one training step.
+
+        AIB sees ``images``; ESB sees them after the configured eraser. BESM costs one extra
+        no-grad forward of the ESB stages (for the saliency map) and a second trunk pass on
+        the erased batch.
+        """
+        shared = self.trunk(images)
+        out = TrainOutput(branches={})
+        if self.aib is not None:
+            out.branches["aib"] = self.aib(shared)
+        if self.esb is None:
+            return out
+        e = self.erase
+        esb_in = shared
+        if e.method in ("besm", "gradcam"):
+            if e.method == "besm":
+                maps = self.saliency_maps(images, pids, "esb", shared=shared)
+            else:
+                maps = self._gradcam_maps(shared, pids)
+            erased, was = besm_erase(images, maps, e.ratio, e.prob, e.value, generator=generator)
+            out.saliency, out.erased_images, out.was_erased = maps, erased, was
+            if bool(was.any()):
+                esb_in = self.trunk(erased)
+        elif e.method == "random":
+            erased, was = random_erase(images, prob=e.prob, value=e.value, generator=generator)
+            out.erased_images, out.was_erased = erased, was
+            if bool(was.any()):
+                esb_in = self.trunk(erased)
+        if e.method == "bfd":
+            fmap = self.esb.feature_map(esb_in)
+            fmap = batch_feature_drop(fmap, e.bfd_height, e.bfd_width, generator=generator)
+            out.branches["esb"] = self.esb.head(fmap)
+        else:
+            out.branches["esb"] = self.esb(esb_in)
+        if out.was_erased is not None:
+            out.info["erased_frac"] = float(out.was_erased.float().mean())
+        return out
+
+
+def _branch(stages: list[tuple[str, nn.Module]], pool: str, dim: int, num_classes: int,
+            cfg: ModelConfig) -> Branch:
+    kwargs = {}
+    if pool == "ppool":
+        kwargs = {"init_l": cfg.ppool_init,
+                  "num_channels": dim if cfg.ppool_per_channel else None}
+    return Branch(nn.Sequential(OrderedDict(stages)), build_pooling(pool, **kwargs),
+                  BNNeck(dim, num_classes))
+
+
+def build_model(cfg: ModelConfig, num_classes: int, erase: EraseConfig | None = None) -> ESNet:
+    """Build the baseline / ES-Net / ablation described by ``cfg`` for ``num_classes`` ids.
+
+    Each branch gets its own copy of the stages from ``cfg.split`` on, both initialised from
+    the same (optionally ImageNet) weights.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    resnet = build_resnet(cfg.backbone, cfg.pretrained, cfg.last_stride)
+    dim = feature_dim(resnet)
+    split = STAGES.index(cfg.split)
+    trunk = nn.Sequential(OrderedDict(
+        [("stem", stem(resnet))] + [(s, getattr(resnet, s)) for s in STAGES[:split]]
+    ))
+    own = [(s, getattr(resnet, s)) for s in STAGES[split:]]
+    aib = _branch(copy.deepcopy(own), cfg.aib_pool, dim, num_classes, cfg) if cfg.aib else None
+    esb = _branch(copy.deepcopy(own), cfg.esb_pool, dim, num_classes, cfg) if cfg.esb else None
+    return ESNet(trunk, aib, esb, erase)

@@ -1,0 +1,147 @@
+"""ES-Net composition: shared trunk, separate branches, which parameters each loss reaches,
+the training forward with each eraser, and one optimisation step lowering the loss."""
+
+import pytest
+import torch
+
+from esreid.config import EraseConfig, LossConfig, ModelConfig
+from esreid.engine.objective import branch_loss, total_loss
+from esreid.models.esnet import build_model
+from esreid.models.pooling import PPooling
+
+TINY = dict(backbone="resnet10", pretrained="none")
+
+
+def _model(erase="besm", num_classes=4, **kw):
+    cfg = ModelConfig(**{**TINY, **kw})
+    return build_model(cfg, num_classes, EraseConfig(method=erase, ratio=0.2, prob=1.0))
+
+
+def _batch(n_ids=4, k=2, h=32, w=16):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n_ids * k, 3, h, w, generator=g)
+    pids = torch.arange(n_ids).repeat_interleave(k)
+    return images, pids
+
+
+def test_structure_shared_trunk_separate_branches():
+    model = _model()
+    assert [n for n, _ in model.trunk.named_children()] == ["stem", "layer1", "layer2"]
+    assert model.aib.stage_names == ["layer3", "layer4"] == model.esb.stage_names
+    aib_params = {id(p) for p in model.aib.parameters()}
+    esb_params = {id(p) for p in model.esb.parameters()}
+    trunk_params = {id(p) for p in model.trunk.parameters()}
+    assert not aib_params & esb_params and not trunk_params & (aib_params | esb_params)
+    # Both branches start from the same weights.
+    for (n1, p1), (n2, p2) in zip(model.aib.stages.named_parameters(),
+                                  model.esb.stages.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert isinstance(model.esb.pool, PPooling)
+    assert not isinstance(model.aib.pool, PPooling)
+    model.eval()
+    images, _ = _batch()
+    assert model(images).shape == (8, 2 * 512) and model.descriptor_dim == 1024
+
+
+def test_split_point_is_configurable():
+    model = _model(split="layer4")
+    assert [n for n, _ in model.trunk.named_children()] == ["stem", "layer1", "layer2", "layer3"]
+    assert model.esb.stage_names == ["layer4"]
+
+
+def _grads_after(loss, model):
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+            for n, p in model.named_parameters()}
+
+
+def test_each_branch_loss_reaches_its_branch_and_the_trunk_only():
+    model = _model()
+    model.train()
+    images, pids = _batch()
+    out = model.forward_train(images, pids, generator=torch.Generator().manual_seed(1))
+    assert bool(out.was_erased.all())  # prob=1
+    cfg = LossConfig()
+    for name, other in (("aib", "esb"), ("esb", "aib")):
+        loss = sum(branch_loss(out.branches[name], pids, cfg).values())
+        reached = _grads_after(loss, model)
+        assert any(v for n, v in reached.items() if n.startswith(f"{name}."))
+        assert any(v for n, v in reached.items() if n.startswith("trunk."))
+        assert not any(v for n, v in reached.items() if n.startswith(f"{other}."))
+    # The BNNeck shift stays frozen; P-pooling's exponent is learned by the ESB loss.
+    assert not model.esb.neck.bn.bias.requires_grad
+    assert reached is not None
+
+
+def test_ppool_exponent_gets_gradient_from_esb_loss():
+    model = _model()
+    images, pids = _batch()
+    out = model.forward_train(images, pids)
+    loss = sum(branch_loss(out.branches["esb"], pids, LossConfig()).values())
+    params = [p for p in model.esb.pool.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_erased_images_feed_the_esb_only():
+    model = _model()
+    images, pids = _batch()
+    out = model.forward_train(images, pids, generator=torch.Generator().manual_seed(0))
+    erased_count = (out.erased_images != images).any(1).flatten(1).sum(1)
+    assert torch.equal(erased_count, torch.full((8,), round(0.2 * 32 * 16)))
+    # The AIB output equals a forward of the clean images through the trunk + AIB.
+    ref = model.aib(model.trunk(images))
+    assert torch.allclose(out.branches["aib"].feat, ref.feat, atol=1e-5)
+
+
+def test_saliency_pass_leaves_gradients_untouched():
+    model = _model()
+    images, pids = _batch()
+    for p in model.parameters():
+        p.grad = None
+    maps = model.saliency_maps(images, pids)
+    assert maps.shape == (8, 2, 1)  # layer4 of a 32x16 input at last stride 1
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["none", "besm", "random", "gradcam", "bfd"])
+def test_every_eraser_runs_a_training_forward(method):
+    model = _model(erase=method)
+    images, pids = _batch()
+    out = model.forward_train(images, pids, generator=torch.Generator().manual_seed(0))
+    loss, parts = total_loss(out, pids, LossConfig())
+    assert torch.isfinite(loss)
+    assert set(parts) == {"id_aib", "triplet_aib", "id_esb", "triplet_esb"}
+
+
+def test_single_branch_models():
+    base = build_model(ModelConfig(**TINY, esb=False), 4)
+    assert base.esb is None and base.descriptor_dim == 512
+    images, pids = _batch()
+    out = base.forward_train(images, pids)
+    assert set(out.branches) == {"aib"} and out.was_erased is None
+    with pytest.raises(ValueError, match="needs an ESB"):
+        build_model(ModelConfig(**TINY, esb=False), 4, EraseConfig(method="besm"))
+
+
+def test_one_training_step_decreases_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = _model()
+    model.train()
+    images, pids = _batch()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    cfg = LossConfig()
+
+    def loss_now():
+        # The same erasing draw each time, so only the parameters change.
+        out = model.forward_train(images, pids, generator=torch.Generator().manual_seed(5))
+        return total_loss(out, pids, cfg)[0]
+
+    before = loss_now()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss_now()
+    assert float(after.detach()) < 0.9 * float(before.detach())
