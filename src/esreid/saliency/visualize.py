@@ -1,0 +1,182 @@
+"""Turning saliency maps into pictures: denormalisation, heat-map overlays, pair figures.
+
+Figures are drawn on a bare ``matplotlib.figure.Figure`` (Agg canvas), never through pyplot,
+so nothing opens a window and nothing global (pyplot's figure registry) is touched; this is
+safe in servers and worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = ["denormalize", "overlay_heatmap", "pair_figure_size", "save_pair_figure"]
+
+_PANEL_WIDTH_IN = 2.0
+_LABEL_HEIGHT_IN = 0.3
+_TITLE_HEIGHT_IN = 0.3
+_DPI = 100
+
+
+def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo ``(x - mean) / std`` normalisation: [C, H, W] or [N, C, H, W] -> same shape in [0, 1].
+
+    ``mean`` and ``std`` have one entry per channel; the result is clamped to [0, 1].
+    """
+    if images.dim() not in (3, 4):
+        raise ValueError(f"images must be [C, H, W] or [N, C, H, W], got {tuple(images.shape)}")
+    channels = images.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean and std need {channels} entries (one per channel), got {len(mean)} and "
+            f"{len(std)}"
+        )
+    shape = (channels, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(shape)
+    return (images * std_t + mean_t).clamp(0.0, 1.0)
+
+
+def _image_to_float_hwc(image: Tensor | np.ndarray) -> np.ndarray:
+    """Image as a float64 [H, W, 3] array in [0, 1]."""
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(
+                f"a tensor image must be float [3, H, W] in [0, 1], got {image.dtype} "
+                f"{tuple(image.shape)}"
+            )
+        return image.detach().cpu().double().clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"an array image must be uint8 [H, W, 3], got {image.dtype} {image.shape}"
+            )
+        return image.astype(np.float64) / 255.0
+    raise TypeError(f"image must be a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
+
+
+def _map_to_array(saliency: Tensor | np.ndarray) -> np.ndarray:
+    """Saliency as a float64 [H, W] array clipped to [0, 1]."""
+    if isinstance(saliency, Tensor):
+        saliency = saliency.detach().cpu().double().numpy()
+    saliency = np.asarray(saliency, dtype=np.float64)
+    if saliency.ndim != 2:
+        raise ValueError(f"saliency must be [H, W], got shape {saliency.shape}")
+    if not np.isfinite(saliency).all():
+        raise ValueError("saliency contains NaN or infinite values")
+    return np.clip(saliency, 0.0, 1.0)
+
+
+def overlay_heatmap(
+    image: Tensor | np.ndarray, saliency: Tensor | np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
+    """Blend a jet-coloured saliency map over an image.
+
+    Args:
+        image: float tensor [3, H, W] in [0, 1], or uint8 array [H, W, 3].
+        saliency: [H, W] map in [0, 1] (tensor or array; clipped to [0, 1]); resize maps to
+            the image with ``upsample_saliency`` first.
+        alpha: weight of the heat map, in [0, 1] (0: the image, 1: the heat map only).
+
+    Returns:
+        uint8 array [H, W, 3]: ``round(255 * ((1 - alpha) * image + alpha * jet(saliency)))``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    rgb = _image_to_float_hwc(image)
+    heat_map = _map_to_array(saliency)
+    if heat_map.shape != rgb.shape[:2]:
+        raise ValueError(
+            f"saliency shape {heat_map.shape} does not match the image size {rgb.shape[:2]}"
+        )
+    heat = colormaps["jet"](heat_map)[..., :3]
+    blended = (1.0 - alpha) * rgb + alpha * heat
+    return np.rint(blended * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def pair_figure_size(height: int, width: int, title: str = "") -> tuple[int, int]:
+    """Pixel size (width, height) of the PNG that ``save_pair_figure`` writes for H x W images.
+
+    Each of the 4 panels is 200 px wide and keeps the image's aspect ratio; a 30 px strip
+    above holds the panel labels, plus another 30 px when there is a title.
+    """
+    fig_w, fig_h = _figure_inches(height, width, title)
+    return round(fig_w * _DPI), round(fig_h * _DPI)
+
+
+def _figure_inches(height: int, width: int, title: str) -> tuple[float, float]:
+    panel_h = _PANEL_WIDTH_IN * height / width
+    extra = _LABEL_HEIGHT_IN + (_TITLE_HEIGHT_IN if title else 0.0)
+    return 4 * _PANEL_WIDTH_IN, panel_h + extra
+
+
+def save_pair_figure(
+    path: str | os.PathLike[str],
+    query_image: Tensor | np.ndarray,
+    gallery_image: Tensor | np.ndarray,
+    query_map: Tensor | np.ndarray,
+    gallery_map: Tensor | np.ndarray,
+    title: str = "",
+) -> None:
+    """Save a 4-panel PNG: query, query overlay, gallery, gallery overlay.
+
+    Args:
+        path: destination ``.png`` file; its directory must exist. Written atomically
+            (temporary file in the same directory, then ``os.replace``), so a failure never
+            leaves a partial file at ``path``.
+        query_image, gallery_image: float [3, H, W] in [0, 1] or uint8 [H, W, 3]; both the
+            same size.
+        query_map, gallery_map: [H, W] saliency in [0, 1] (see ``upsample_saliency``).
+        title: optional figure title.
+
+    The PNG's pixel size is ``pair_figure_size(H, W, title)``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"path must end with .png, got {str(path)!r}")
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(f"directory {str(directory)!r} for {str(path)!r} does not exist")
+    query_rgb = _image_to_float_hwc(query_image)
+    gallery_rgb = _image_to_float_hwc(gallery_image)
+    if query_rgb.shape != gallery_rgb.shape:
+        raise ValueError(
+            f"query and gallery images must have the same size, got {query_rgb.shape[:2]} "
+            f"and {gallery_rgb.shape[:2]}"
+        )
+    panels = [
+        ("query", query_rgb),
+        ("query saliency", overlay_heatmap(query_image, query_map) / 255.0),
+        ("gallery", gallery_rgb),
+        ("gallery saliency", overlay_heatmap(gallery_image, gallery_map) / 255.0),
+    ]
+    height, width = query_rgb.shape[:2]
+    fig_w, fig_h = _figure_inches(height, width, title)
+    figure = Figure(figsize=(fig_w, fig_h), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    panel_top = 1.0 - (fig_h - _PANEL_WIDTH_IN * height / width) / fig_h
+    for index, (label, picture) in enumerate(panels):
+        axes = figure.add_axes((index / 4, 0.0, 0.25, panel_top))
+        axes.imshow(picture, interpolation="nearest", aspect="auto")
+        axes.set_axis_off()
+        axes.text(0.5, 1.0, label, transform=axes.transAxes, ha="center", va="bottom", fontsize=8)
+    if title:
+        figure.suptitle(title, y=1.0, va="top", fontsize=10)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    try:
+        figure.savefig(temp_name, format="png", dpi=_DPI)
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise

@@ -1,0 +1,437 @@
+"""Tests for CG-RAM (pairs and training batches), Grad-CAM and saliency upsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from esreid.saliency import (
+    batch_cg_ram,
+    cg_ram,
+    cosine_score,
+    denormalize,
+    easiest_positive,
+    grad_cam_batch,
+    overlay_heatmap,
+    pair_figure_size,
+    save_pair_figure,
+    upsample_saliency,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class TinyEmbed(nn.Module):
+    """images [N, 3, H, W] -> 1x1 conv (the CG-RAM layer) -> GAP -> linear -> [N, 5]."""
+
+    def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        g = _gen(seed)
+        self.layer = nn.Conv2d(3, 4, kernel_size=1).to(dtype)
+        self.fc = nn.Linear(4, 5).to(dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer(x).mean(dim=(2, 3)))
+
+
+def _cosine_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Closed form dcos(a, b)/da = b / (|a||b|) - cos * a / |a|^2, rows of [N, D]."""
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    cos = (a * b).sum(1, keepdim=True) / (na * nb)
+    return b / (na * nb) - cos * a / na**2
+
+
+def _hand_pair_maps(model: TinyEmbed, q: torch.Tensor, g: torch.Tensor):
+    """CG-RAM of TinyEmbed by hand: dS/dA^k_ij = (W^T dS/df)_k / (h w), the same at every ij."""
+    with torch.no_grad():
+        a_q, a_g = model.layer(q), model.layer(g)
+        f_q, f_g = model.fc(a_q.mean((2, 3))), model.fc(a_g.mean((2, 3)))
+        hw = a_q.shape[2] * a_q.shape[3]
+        w = model.fc.weight  # [D, C]
+        phi_q = (_cosine_grad(f_q, f_g) @ w / hw)[:, :, None, None]
+        phi_g = (_cosine_grad(f_g, f_q) @ w / hw)[:, :, None, None]
+        return torch.relu((phi_q * a_q).sum(1)), torch.relu((phi_g * a_g).sum(1))
+
+
+def _pair_images(n: int = 3, seed: int = 1):
+    g = _gen(seed)
+    shape = (n, 3, 4, 3)
+    return (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )
+
+
+def test_cosine_score_matches_definition():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[4.0, 3.0], [-2.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(cosine_score(a, b), torch.tensor([24.0 / 25.0, -1.0, 0.0]))
+
+
+def test_cg_ram_matches_closed_form():
+    model = TinyEmbed()
+    q, g = _pair_images()
+    maps_q, maps_g = cg_ram(model, model.layer, q, g, return_gallery=True)
+    hand_q, hand_g = _hand_pair_maps(model, q, g)
+    assert maps_q.shape == (3, 4, 3)
+    assert (hand_q > 0).any() and (hand_g > 0).any()  # the comparison is not vacuous
+    torch.testing.assert_close(maps_q, hand_q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(maps_g, hand_g, rtol=1e-10, atol=1e-12)
+    only_query = cg_ram(model, model.layer, q, g)
+    torch.testing.assert_close(only_query, hand_q, rtol=1e-10, atol=1e-12)
+    assert not only_query.requires_grad
+
+
+def test_cg_ram_pairs_are_independent():
+    model = TinyEmbed()
+    q, g = _pair_images(n=3)
+    full = cg_ram(model, model.layer, q, g)
+    single = cg_ram(model, model.layer, q[1:2], g[1:2])
+    torch.testing.assert_close(full[1:2], single, rtol=1e-12, atol=1e-14)
+
+
+def test_cg_ram_leaves_parameter_grads_untouched():
+    model = TinyEmbed()
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 7.0)
+    q, g = _pair_images()
+    cg_ram(model, model.layer, q, g)
+    assert torch.equal(model.fc.weight.grad, torch.full_like(model.fc.weight, 7.0))
+    assert model.fc.bias.grad is None
+    assert model.layer.weight.grad is None
+    assert model.layer.bias.grad is None
+
+
+def test_cg_ram_on_frozen_model_under_no_grad():
+    model = TinyEmbed()
+    model.requires_grad_(False)
+    q, g = _pair_images()
+    with torch.no_grad():
+        maps = cg_ram(model, model.layer, q, g)
+    torch.testing.assert_close(maps, _hand_pair_maps(model, q, g)[0], rtol=1e-10, atol=1e-12)
+
+
+class BnEmbed(nn.Module):
+    """conv -> BN -> ReLU(inplace) -> dropout -> GAP -> linear: exercises modes and in-place ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.drop(self.relu(self.bn(self.conv(x))))
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def test_cg_ram_runs_in_eval_mode_and_restores_modes():
+    model = BnEmbed()
+    g = _gen(2)
+    q, gal = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    model.train()
+    model.drop.eval()  # a mixed state must come back exactly
+    stats = model.bn.running_mean.clone()
+    in_train = cg_ram(model, model.bn, q, gal)  # the BN output is then modified in place
+    assert model.training and model.bn.training and not model.drop.training
+    assert torch.equal(model.bn.running_mean, stats)
+    model.eval()
+    in_eval = cg_ram(model, model.bn, q, gal)
+    assert not model.training and not model.bn.training
+    torch.testing.assert_close(in_train, in_eval)
+    assert in_eval.shape == (2, 5, 4)
+    assert (in_eval > 0).any()
+
+
+def test_cg_ram_removes_hook_and_restores_mode_on_error():
+    class BadEmbed(TinyEmbed):
+        def forward(self, x):
+            return super().forward(x)[:, :, None]  # [N, D, 1] is not a descriptor
+
+    model = BadEmbed()
+    model.train()
+    q, g = _pair_images()
+    with pytest.raises(ValueError, match=r"embed must return descriptors \[N=6, D\]"):
+        cg_ram(model, model.layer, q, g)
+    assert len(model.layer._forward_hooks) == 0
+    assert model.training
+
+
+def test_cg_ram_removes_hook_after_success():
+    model = TinyEmbed()
+    q, g = _pair_images()
+    cg_ram(model, model.layer, q, g)
+    assert len(model.layer._forward_hooks) == 0
+
+
+def test_cg_ram_input_errors():
+    model = TinyEmbed()
+    q, g = _pair_images()
+    with pytest.raises(ValueError, match="layer must be a submodule of embed"):
+        cg_ram(model, nn.Conv2d(3, 4, 1), q, g)
+    with pytest.raises(ValueError, match=r"gallery_images must have the same shape"):
+        cg_ram(model, model.layer, q, g[:2])
+    with pytest.raises(ValueError, match=r"query_images must be \[N, 3, H, W\]"):
+        cg_ram(model, model.layer, q[0], g[0])
+
+    class Twice(TinyEmbed):
+        def forward(self, x):
+            self.layer(x)
+            return super().forward(x)
+
+    twice = Twice()
+    with pytest.raises(ValueError, match="layer must run exactly once .* it ran 2 times"):
+        cg_ram(twice, twice.layer, q, g)
+
+
+def test_upsample_saliency_bilinear_and_normalisation():
+    maps = torch.tensor([[[0.0, 4.0]], [[2.0, 2.0]]])  # [2, 1, 2]
+    raw = upsample_saliency(maps, (1, 4), normalize=False)
+    # align_corners=False samples the source at x = -0.25, 0.25, 0.75, 1.25 (edges clamp).
+    torch.testing.assert_close(raw, torch.tensor([[[0.0, 1.0, 3.0, 4.0]], [[2.0] * 4]]))
+    normed = upsample_saliency(maps, (1, 4))
+    torch.testing.assert_close(normed, torch.tensor([[[0.0, 0.25, 0.75, 1.0]], [[0.0] * 4]]))
+    with pytest.raises(ValueError, match=r"maps must be \[N, h, w\]"):
+        upsample_saliency(maps[0], (2, 2))
+
+
+def test_easiest_positive_hand_built():
+    features = torch.tensor([[0.0], [1.0], [3.0], [10.0], [10.5], [7.0]])
+    pids = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert easiest_positive(features, pids).tolist() == [1, 0, 1, 4, 3, -1]
+
+
+def test_easiest_positive_ties_and_loners():
+    features = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]])
+    assert easiest_positive(features, torch.tensor([0, 0, 0, 1])).tolist() == [1, 0, 0, -1]
+    assert easiest_positive(features, torch.tensor([0, 1, 2, 3])).tolist() == [-1] * 4
+
+
+def test_easiest_positive_input_errors():
+    with pytest.raises(ValueError, match=r"pids must be \[N=2\], got shape \(3,\)"):
+        easiest_positive(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="pids must be an integer tensor"):
+        easiest_positive(torch.zeros(2, 3), torch.zeros(2))
+
+
+def _linear_head(seed: int = 3, c: int = 4, d: int = 3) -> nn.Module:
+    g = _gen(seed)
+    fc = nn.Linear(c, d).double()
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(d, c, generator=g, dtype=torch.float64))
+        fc.bias.copy_(torch.randn(d, generator=g, dtype=torch.float64))
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)
+
+
+def test_batch_cg_ram_matches_closed_form_eq5():
+    head = _linear_head()
+    fc = head[2]
+    a = torch.rand(5, 4, 3, 2, generator=_gen(4), dtype=torch.float64)
+    pids = torch.tensor([0, 0, 0, 1, 1])
+    maps = batch_cg_ram(head, a, pids)
+    with torch.no_grad():
+        f = head(a)
+        partner = easiest_positive(f, pids)
+        # dS_batch/df_j: every pair (i, p(i)) adds w_i * dS_i/df_i to i and w_i * dS_i/df_p to p.
+        dsdf = torch.zeros_like(f)
+        for i, p in enumerate(partner.tolist()):
+            weight = torch.exp(cosine_score(f[i : i + 1], f[p : p + 1]))
+            dsdf[i] += weight[0] * _cosine_grad(f[i : i + 1], f[p : p + 1])[0]
+            dsdf[p] += weight[0] * _cosine_grad(f[p : p + 1], f[i : i + 1])[0]
+        phi = (dsdf @ fc.weight / 6.0)[:, :, None, None]
+        expected = torch.relu((phi * a).sum(1))
+    assert (expected > 0).any()
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_cg_ram_gradient_reaches_the_positive():
+    """Sample 1 is the easiest positive of samples 0 and 2; sample 2 is nobody's positive."""
+    fc = nn.Linear(3, 3).double()
+    with torch.no_grad():
+        fc.weight.copy_(torch.eye(3))
+        fc.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)
+    means = torch.tensor([[1.0, 0.1, 0.5], [1.0, 0.2, 0.45], [1.0, 0.6, 0.1]], dtype=torch.float64)
+    # Zero-mean spatial pattern: descriptors (and so the pairs) depend only on `means`.
+    pattern = torch.tensor([[0.3, -0.1], [-0.3, 0.1]], dtype=torch.float64)
+    a = means[:, :, None, None] + pattern * torch.tensor([1.0, -2.0, 0.5]).double()[:, None, None]
+    pids = torch.tensor([7, 7, 7])
+    partner = easiest_positive(head(a), pids)
+    assert partner.tolist() == [1, 0, 1]
+    maps = batch_cg_ram(head, a, pids)
+
+    # The same Eq. 5 with the positives detached: only the anchor side gets gradient.
+    leaf = a.clone().requires_grad_()
+    f = head(leaf)
+    s = cosine_score(f, f[partner].detach())
+    (anchor_only,) = torch.autograd.grad((torch.exp(s).detach() * s).sum(), leaf)
+    anchor_maps = torch.relu((anchor_only * a).sum(1))
+    assert (maps[1] > 0).any()
+    assert not torch.allclose(maps[1], anchor_maps[1])  # pairs (0, 1) and (2, 1) reach it
+    torch.testing.assert_close(maps[2], anchor_maps[2], rtol=1e-12, atol=1e-15)
+
+
+def test_batch_cg_ram_matches_direct_autograd_on_nonlinear_head():
+    torch.manual_seed(0)
+    head = (
+        nn.Sequential(
+            nn.Conv2d(4, 6, 1),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.BatchNorm1d(6),
+            nn.Linear(6, 3),
+        )
+        .double()
+        .eval()
+    )
+    a = torch.rand(6, 4, 3, 3, generator=_gen(7), dtype=torch.float64)
+    pids = torch.tensor([0, 1, 0, 1, 2, 0])
+    maps = batch_cg_ram(head, a, pids)
+
+    leaf = a.clone().requires_grad_()
+    f = head(leaf)
+    partner = easiest_positive(f.detach(), pids)
+    anchors = torch.tensor([0, 1, 2, 3, 5])
+    s = torch.nn.functional.cosine_similarity(f[anchors], f[partner[anchors]], dim=1)
+    (grad,) = torch.autograd.grad((torch.exp(s.detach()) * s).sum(), leaf)
+    torch.testing.assert_close(maps, torch.relu((grad * a).sum(1)), rtol=1e-10, atol=1e-12)
+    assert torch.equal(maps[4], torch.zeros(3, 3))  # pid 2 is alone: no pair, zero map
+
+
+def test_batch_cg_ram_leaves_head_grads_and_input_untouched():
+    head = _linear_head()
+    fc = head[2]
+    fc.weight.grad = torch.ones_like(fc.weight)
+    a = torch.rand(4, 4, 2, 2, generator=_gen(8), dtype=torch.float64)
+    before = a.clone()
+    with torch.no_grad():
+        maps = batch_cg_ram(head, a, torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(fc.weight.grad, torch.ones_like(fc.weight))
+    assert fc.bias.grad is None
+    assert torch.equal(a, before)
+    assert not a.requires_grad and not maps.requires_grad
+
+
+def test_batch_cg_ram_without_any_pair_is_zero():
+    a = torch.rand(3, 4, 2, 2, generator=_gen(9), dtype=torch.float64)
+    maps = batch_cg_ram(_linear_head(), a, torch.tensor([0, 1, 2]))
+    assert torch.equal(maps, torch.zeros(3, 2, 2, dtype=torch.float64))
+
+
+def test_batch_cg_ram_input_errors():
+    a = torch.rand(3, 4, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"pids must be \[N=3\]"):
+        batch_cg_ram(_linear_head(), a, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"feature_map must be \[N, C, h, w\]"):
+        batch_cg_ram(_linear_head(), a[0], torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"head must return descriptors \[N=3, D\]"):
+        batch_cg_ram(lambda x: x.mean((2, 3))[:2], a, torch.tensor([0, 0, 1]))
+
+
+def test_grad_cam_batch_matches_closed_form_on_linear_head():
+    head = _linear_head(seed=10, c=4, d=5)
+    fc = head[2]
+    a = torch.rand(3, 4, 3, 2, generator=_gen(11), dtype=torch.float64)
+    targets = torch.tensor([4, 0, 2])
+    maps = grad_cam_batch(head, a, targets)
+    with torch.no_grad():
+        prob = torch.softmax(head(a), dim=1)
+        onehot = torch.nn.functional.one_hot(targets, 5).double()
+        # d log p_t / dA^k_ij = ((onehot - p) W)_k / (h w) at every ij, so alpha is that value.
+        alpha = ((onehot - prob) @ fc.weight / 6.0)[:, :, None, None]
+        expected = torch.relu((alpha * a).sum(1))
+    assert (expected > 0).any()
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
+    assert fc.weight.grad is None
+
+
+def test_grad_cam_batch_target_errors():
+    head = _linear_head(c=4, d=5)
+    a = torch.rand(2, 4, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\), got values 0..5"):
+        grad_cam_batch(head, a, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="targets must be an integer tensor"):
+        grad_cam_batch(head, a, torch.tensor([0.0, 1.0]))
+
+
+def test_denormalize_inverts_normalisation_and_clamps():
+    mean, std = [0.5, 0.25, 0.0], [0.5, 0.25, 2.0]
+    x = torch.tensor([[[0.0]], [[1.0]], [[0.25]]])  # [3, 1, 1]
+    torch.testing.assert_close(denormalize(x, mean, std), torch.tensor([[[0.5]], [[0.5]], [[0.5]]]))
+    batch = torch.full((2, 3, 1, 1), 10.0)
+    assert torch.equal(denormalize(batch, mean, std), torch.ones(2, 3, 1, 1))
+    with pytest.raises(ValueError, match="mean and std need 3 entries"):
+        denormalize(x, [0.5], [0.5])
+
+
+def test_overlay_heatmap_blends_with_jet():
+    image = np.full((2, 3, 3), 200, dtype=np.uint8)
+    saliency = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    assert np.array_equal(overlay_heatmap(image, saliency, alpha=0.0), image)
+    heat = overlay_heatmap(image, saliency, alpha=1.0)
+    # jet(0) = (0, 0, 0.5) and jet(1) = (0.5, 0, 0): dark blue and dark red.
+    assert heat.dtype == np.uint8 and heat.shape == (2, 3, 3)
+    assert heat[0, 0].tolist() == [0, 0, 128] and heat[0, 1].tolist() == [128, 0, 0]
+    half = overlay_heatmap(torch.ones(3, 2, 3), saliency, alpha=0.5)
+    assert half[0, 0].tolist() == [128, 128, 191]  # 0.5 * 255 + 0.5 * (0, 0, 127.5)
+    with pytest.raises(ValueError, match=r"saliency shape \(3, 2\) does not match"):
+        overlay_heatmap(image, saliency.T)
+    with pytest.raises(ValueError, match=r"a tensor image must be float \[3, H, W\]"):
+        overlay_heatmap(torch.ones(2, 3, 3), saliency)
+
+
+def test_save_pair_figure_writes_png_atomically(tmp_path):
+    g = _gen(20)
+    height, width = 32, 16
+    query, gallery = (
+        torch.rand(3, height, width, generator=g),
+        torch.rand(3, height, width, generator=g),
+    )
+    maps = upsample_saliency(torch.rand(2, 4, 2, generator=g), (height, width))
+    target = tmp_path / "pair.png"
+    target.write_bytes(b"old")  # an existing file is replaced
+    save_pair_figure(target, query, gallery, maps[0], maps[1], title="rank 1")
+    with Image.open(target) as png:
+        assert png.format == "PNG"
+        assert png.size == pair_figure_size(height, width, "rank 1") == (800, 460)
+    assert [p.name for p in tmp_path.iterdir()] == ["pair.png"]
+    save_pair_figure(tmp_path / "plain.png", query, gallery, maps[0], maps[1])
+    with Image.open(tmp_path / "plain.png") as png:
+        assert png.size == pair_figure_size(height, width) == (800, 430)
+
+
+def test_save_pair_figure_errors_leave_nothing(tmp_path):
+    image, heat = torch.rand(3, 4, 4), torch.rand(4, 4)
+    with pytest.raises(ValueError, match="path must end with .png"):
+        save_pair_figure(tmp_path / "x.jpg", image, image, heat, heat)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_pair_figure(tmp_path / "missing" / "x.png", image, image, heat, heat)
+    with pytest.raises(ValueError, match="saliency contains NaN"):
+        save_pair_figure(tmp_path / "x.png", image, image, heat, torch.full((4, 4), float("nan")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_pair_figure_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def broken_savefig(self, fname, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    image, heat = torch.rand(3, 4, 4), torch.rand(4, 4)
+    with pytest.raises(OSError, match="disk full"):
+        save_pair_figure(tmp_path / "x.png", image, image, heat, heat)
+    assert list(tmp_path.iterdir()) == []

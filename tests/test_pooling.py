@@ -1,0 +1,197 @@
+"""Tests for GAP, GMP and P-pooling (ES-Net Eqs. 6-7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esreid.models.pooling import (
+    GlobalAvgPool,
+    GlobalMaxPool,
+    PPooling,
+    build_pooling,
+    p_pool,
+)
+
+
+def _post_relu(seed: int, shape=(2, 3, 4, 5), dtype=torch.float32) -> torch.Tensor:
+    """ReLU of a normal sample: about half the entries are exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(shape, generator=g, dtype=dtype))
+
+
+def _peaked(seed: int) -> torch.Tensor:
+    """Post-ReLU map in [0, 1] with exact zeros and one peak of 2 per channel."""
+    x = _post_relu(seed).clamp(max=1.0)
+    x[:, :, 1, 2] = 2.0
+    return x
+
+
+def test_gap_and_gmp_values():
+    x = torch.arange(24.0).view(1, 2, 3, 4)
+    assert torch.equal(GlobalAvgPool()(x), torch.tensor([[5.5, 17.5]]))
+    assert torch.equal(GlobalMaxPool()(x), torch.tensor([[11.0, 23.0]]))
+
+
+def test_pooling_rejects_non_4d_input():
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\], got shape \(2, 3\)"):
+        GlobalAvgPool()(torch.ones(2, 3))
+
+
+def test_p_pool_equals_gap_at_l_one_float64():
+    x = _post_relu(0, dtype=torch.float64) + 0.1  # strictly positive: no eps bias
+    torch.testing.assert_close(p_pool(x, 1.0), x.mean(dim=(2, 3)), rtol=1e-6, atol=0.0)
+
+
+def test_p_pool_at_l_one_with_zeros_is_gap_up_to_eps():
+    x = _post_relu(1)
+    zero_fraction = (x == 0).float().mean(dim=(2, 3))
+    # Zeros are clamped to eps, so GAP is shifted by exactly eps * (fraction of zeros).
+    expected = x.mean(dim=(2, 3)) + 1e-6 * zero_fraction
+    torch.testing.assert_close(p_pool(x, 1.0), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_module_at_l_one_equals_gap():
+    pool = PPooling(num_channels=3)
+    with torch.no_grad():
+        pool.raw_l.fill_(-1e4)  # softplus underflows to exactly 0, so l == 1 exactly
+    assert torch.equal(pool.l, torch.ones(3))
+    x = _post_relu(2) + 0.1
+    torch.testing.assert_close(pool(x), x.mean(dim=(2, 3)), rtol=1e-6, atol=0.0)
+
+
+def test_large_l_approaches_gmp():
+    x = _peaked(3)
+    out = PPooling(init_l=100.0)(x)
+    gmp = x.amax(dim=(2, 3))
+    assert torch.all(out <= gmp * (1 + 1e-6))
+    torch.testing.assert_close(out, gmp, rtol=1e-3, atol=0.0)
+
+
+def test_large_l_large_values_and_zeros_are_finite():
+    x = torch.zeros(2, 2, 3, 3)
+    x[0, 0, 0, 0] = 50.0
+    x[0, 1] = 50.0  # a constant channel: F must be 50
+    x[1, 0, 2, 2] = 1e-3
+    # x[1, 1] is all zeros: every entry clamps to eps, so F = eps
+    pool = PPooling(init_l=100.0)
+    out = pool(x.requires_grad_())
+    assert torch.isfinite(out).all()
+    expected = torch.tensor([[50.0, 50.0], [1e-3, 1e-6]])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=0.0)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(pool.raw_l.grad).all()
+
+
+def _eq7(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """Eq. 7 in float64 with explicit powers: dF/dl = F * (E_l[ln a] - E_{l-1}[ln a])."""
+    a = x.flatten(2)
+    s_l = (a**exponent).sum(-1)
+    s_lm1 = (a ** (exponent - 1)).sum(-1)
+    value = s_l / s_lm1
+    first = (a**exponent * a.log()).sum(-1) / s_l
+    second = (a ** (exponent - 1) * a.log()).sum(-1) / s_lm1
+    return value * (first - second)
+
+
+def test_gradient_wrt_l_is_eq7():
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x + 0.05
+    exponent = torch.tensor(3.7, dtype=torch.float64, requires_grad=True)
+    out = p_pool(x, exponent)
+    for n in range(2):
+        for k in range(3):
+            (grad,) = torch.autograd.grad(out[n, k], exponent, retain_graph=True)
+            expected = _eq7(x[n : n + 1, k : k + 1], 3.7)[0, 0]
+            torch.testing.assert_close(grad, expected, rtol=1e-10, atol=0.0)
+
+
+def test_module_gradient_is_eq7_through_the_parametrisation():
+    x = torch.rand(1, 2, 3, 3, generator=torch.Generator().manual_seed(5)) + 0.05
+    pool = PPooling(init_l=2.5, num_channels=2)
+    pool(x).sum().backward()
+    # dl/draw = sigmoid(raw) for l = 1 + softplus(raw).
+    dl_draw = torch.sigmoid(pool.raw_l.detach())
+    expected = _eq7(x.double(), 2.5).sum(0).float() * dl_draw
+    torch.testing.assert_close(pool.raw_l.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_init_l_is_reproduced_exactly_enough():
+    assert PPooling(init_l=3.0).l.item() == pytest.approx(3.0, rel=1e-6)
+    assert PPooling(init_l=40.0).l.item() == pytest.approx(40.0, rel=1e-6)
+    bounded = PPooling(init_l=3.0, max_l=10.0)
+    assert bounded.l.item() == pytest.approx(3.0, rel=1e-6)
+
+
+def test_per_channel_shapes():
+    pool = PPooling(init_l=2.0, num_channels=3)
+    assert pool.raw_l.shape == (3,)
+    assert pool.l.shape == (3,)
+    assert PPooling().l.shape == ()
+    assert pool(_post_relu(6)).shape == (2, 3)
+    with torch.no_grad():
+        pool.raw_l[1] = -1e4  # channel 1 becomes GAP, the others keep l = 2
+    x = _post_relu(7) + 0.1
+    out = pool(x)
+    torch.testing.assert_close(out[:, 1], x[:, 1].mean(dim=(1, 2)), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(out[:, 0], p_pool(x[:, :1], 2.0)[:, 0], rtol=1e-6, atol=0.0)
+
+
+def test_per_channel_rejects_wrong_channel_count():
+    with pytest.raises(ValueError, match="built for 3 channels, got input with 4 channels"):
+        PPooling(num_channels=3)(torch.ones(1, 4, 2, 2))
+
+
+@pytest.mark.parametrize("max_l", [None, 5.0])
+def test_l_stays_at_least_one_after_a_downward_step(max_l):
+    pool = PPooling(init_l=1.5, max_l=max_l)
+    optimiser = torch.optim.SGD(pool.parameters(), lr=1e6)
+    pool.l.backward()  # d l / d raw > 0, so the step pushes l down hard
+    optimiser.step()
+    assert math.isfinite(pool.l.item())
+    assert pool.l.item() >= 1.0
+    assert pool.l.item() < 1.5
+
+
+def test_max_l_bounds_l_from_above():
+    pool = PPooling(init_l=3.0, max_l=5.0)
+    optimiser = torch.optim.SGD(pool.parameters(), lr=1e6)
+    (-pool.l).backward()
+    optimiser.step()
+    assert 3.0 < pool.l.item() <= 5.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"init_l": 1.0}, "init_l must be a finite number > 1"),
+        ({"init_l": 3.0, "max_l": 2.0}, "max_l must be finite and > init_l = 3.0, got 2.0"),
+        ({"num_channels": 0}, "num_channels must be a positive integer, got 0"),
+        ({"eps": 0.0}, "eps must be > 0, got 0.0"),
+    ],
+)
+def test_ppooling_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PPooling(**kwargs)
+
+
+def test_half_input_is_pooled_in_float32():
+    x = _peaked(8)
+    out = p_pool(x.half(), 60.0)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), p_pool(x, 60.0), rtol=1e-3, atol=0.0)
+
+
+def test_build_pooling():
+    assert isinstance(build_pooling("gap"), GlobalAvgPool)
+    assert isinstance(build_pooling("gmp"), GlobalMaxPool)
+    pool = build_pooling("ppool", init_l=4.0, num_channels=2)
+    assert isinstance(pool, PPooling)
+    assert pool.l.shape == (2,)
+    with pytest.raises(ValueError, match="unknown pooling 'avg'; valid names: gap, gmp, ppool"):
+        build_pooling("avg")
+    with pytest.raises(ValueError, match=r"pooling 'gap' takes no options, got \['init_l'\]"):
+        build_pooling("gap", init_l=3.0)
