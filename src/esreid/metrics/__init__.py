@@ -1,0 +1,21 @@
+"""Evaluation: distances, Market-protocol ranking metrics (CMC, mAP, mINP), k-reciprocal
+re-ranking, the VehicleID protocol, and results files with a Markdown report."""
+
+from esreid.metrics.distance import compute_distance
+from esreid.metrics.ranking import RankResult, evaluate_features, evaluate_rank
+from esreid.metrics.report import build_report, load_results, write_results
+from esreid.metrics.rerank import k_reciprocal_rerank
+from esreid.metrics.vehicleid import evaluate_vehicleid, vehicleid_draw
+
+__all__ = [
+    "RankResult",
+    "build_report",
+    "compute_distance",
+    "evaluate_features",
+    "evaluate_rank",
+    "evaluate_vehicleid",
+    "k_reciprocal_rerank",
+    "load_results",
+    "vehicleid_draw",
+    "write_results",
+]

@@ -1,0 +1,240 @@
+"""Ranking metrics checked against a slow per-query reference written from the definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from esreid.metrics import RankResult, compute_distance, evaluate_features, evaluate_rank
+
+
+def reference_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
+    """Market protocol straight from the definition: full stable argsort of every row."""
+    cmc_hits = np.zeros(max_rank)
+    aps, inps = [], []
+    skipped = 0
+    for i in range(distmat.shape[0]):
+        order = np.argsort(distmat[i], kind="stable")
+        ranked_matches = []
+        for g in order:
+            if g_pids[g] == -1:
+                continue
+            if g_pids[g] == q_pids[i] and g_camids[g] == q_camids[i]:
+                continue
+            ranked_matches.append(g_pids[g] == q_pids[i])
+        if not any(ranked_matches):
+            skipped += 1
+            continue
+        pos_ranks = [r + 1 for r, hit in enumerate(ranked_matches) if hit]
+        for k in range(max_rank):
+            if pos_ranks[0] <= k + 1:
+                cmc_hits[k] += 1
+        precision_sum = 0.0
+        for j, rank in enumerate(pos_ranks, start=1):
+            precision_sum += j / rank
+        aps.append(precision_sum / len(pos_ranks))
+        inps.append(len(pos_ranks) / pos_ranks[-1])
+    n = len(aps)
+    return cmc_hits / n, float(np.mean(aps)), float(np.mean(inps)), n, skipped
+
+
+def random_problem(seed, nq=17, ng=60, num_ids=6, num_cams=3, tied=True):
+    """Random labels with junk (-1), distractors (0), same-camera matches and unmatched queries."""
+    rng = np.random.default_rng(seed)
+    g_pids = rng.integers(-1, num_ids, size=ng)  # -1 junk, 0 distractor, 1.. identities
+    g_camids = rng.integers(0, num_cams, size=ng)
+    q_pids = rng.integers(1, num_ids + 2, size=nq)  # ids above num_ids have no gallery match
+    q_camids = rng.integers(0, num_cams, size=nq)
+    if tied:
+        distmat = rng.integers(0, 6, size=(nq, ng)).astype(np.float32)
+    else:
+        distmat = rng.random((nq, ng)).astype(np.float32)
+    return distmat, q_pids, g_pids, q_camids, g_camids
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunk_size", [1, 4, 256])
+def test_matches_reference_with_ties_junk_and_skips(seed, chunk_size):
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(seed, tied=seed % 2 == 0)
+    cmc, mAP, mINP, n, skipped = reference_rank(distmat, q_pids, g_pids, q_camids, g_camids, 10)
+    res = evaluate_rank(
+        distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10, chunk_size=chunk_size
+    )
+    assert skipped > 0 and n > 0  # the generator does produce both kinds of queries
+    np.testing.assert_allclose(res.cmc, cmc, rtol=0, atol=1e-12)
+    assert res.mAP == pytest.approx(mAP, abs=1e-12)
+    assert res.mINP == pytest.approx(mINP, abs=1e-12)
+    assert (res.num_valid, res.num_skipped) == (n, skipped)
+
+
+def test_all_distances_equal_ranks_by_gallery_index():
+    g_pids = np.array([5, 7, 5, 0, 5])
+    g_camids = np.array([1, 1, 1, 1, 1])
+    distmat = np.zeros((1, 5), dtype=np.float32)
+    res = evaluate_rank(distmat, [5], g_pids, [0], g_camids, max_rank=5)
+    # Positives at gallery positions 1, 3, 5 -> ranks 1, 3, 5.
+    assert res.mAP == pytest.approx((1 / 1 + 2 / 3 + 3 / 5) / 3)
+    assert res.mINP == pytest.approx(3 / 5)
+    np.testing.assert_allclose(res.cmc, [1, 1, 1, 1, 1])
+
+
+def test_hand_built_ap_and_inp():
+    # Ranking by distance: g0 (pos), g1 (neg), g2 (pos), g3 (neg).
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4]])
+    res = evaluate_rank(distmat, [1], [1, 2, 1, 2], [0], [1, 1, 1, 1], max_rank=4)
+    assert res.mAP == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert res.mINP == pytest.approx(2 / 3)
+    np.testing.assert_allclose(res.cmc, [1, 1, 1, 1])
+    assert res.to_dict() == {
+        "rank1": 1.0,
+        "mAP": pytest.approx((1 + 2 / 3) / 2),
+        "mINP": pytest.approx(2 / 3),
+        "num_valid": 1,
+        "num_skipped": 0,
+    }
+
+
+def test_same_camera_match_and_junk_are_removed_not_counted_as_negatives():
+    # g0: same pid same cam (ignored), g1: junk (ignored), g2: distractor 0, g3: true match.
+    distmat = np.array([[0.0, 0.1, 0.2, 0.3]])
+    res = evaluate_rank(distmat, [4], [4, -1, 0, 4], [2], [2, 0, 0, 1], max_rank=3)
+    np.testing.assert_allclose(res.cmc, [0, 1, 1])
+    assert res.mAP == pytest.approx(1 / 2)
+    assert res.mINP == pytest.approx(1 / 2)
+
+
+def test_two_queries_cmc_is_fraction_of_valid_queries():
+    distmat = np.array(
+        [
+            [0.5, 0.1, 0.9],  # query pid 1
+            [0.1, 0.2, 0.3],  # query pid 3: no gallery image of pid 3 -> skipped
+            [0.3, 0.2, 0.1],  # query pid 2
+        ]
+    )
+    g_pids = [1, 2, 1]
+    res = evaluate_rank(distmat, [1, 3, 2], g_pids, [0, 0, 0], [1, 1, 1], max_rank=3)
+    # query 0: order g1(neg), g0(pos), g2(pos) -> ranks 2, 3; query 2: g2(neg), g1(pos) -> rank 2.
+    assert (res.num_valid, res.num_skipped) == (2, 1)
+    np.testing.assert_allclose(res.cmc, [0.0, 1.0, 1.0])
+    assert res.mAP == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1 / 2) / 2)
+    assert res.mINP == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_dict_access_and_to_dict_types():
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(3, ng=40)
+    res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20)
+    assert isinstance(res, RankResult)
+    assert res["mAP"] == res.mAP and res["mINP"] == res.mINP
+    assert res["cmc"] is res.cmc and res.cmc.shape == (20,)
+    d = res.to_dict()
+    assert set(d) == {"rank1", "rank5", "rank10", "mAP", "mINP", "num_valid", "num_skipped"}
+    assert d["rank5"] == res.cmc[4] and type(d["rank5"]) is float and type(d["num_valid"]) is int
+    assert res["rank10"] == res.cmc[9]
+    assert np.all(np.diff(res.cmc) >= 0) and 0 <= res.mINP <= res.mAP <= 1
+    with pytest.raises(KeyError, match="rank21"):
+        res["rank21"]
+
+
+def test_torch_inputs_match_numpy():
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(4)
+    a = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=5)
+    b = evaluate_rank(
+        torch.from_numpy(distmat),
+        torch.from_numpy(q_pids),
+        torch.from_numpy(g_pids),
+        torch.from_numpy(q_camids),
+        torch.from_numpy(g_camids),
+        max_rank=5,
+        chunk_size=3,
+    )
+    np.testing.assert_array_equal(a.cmc, b.cmc)
+    assert (a.mAP, a.mINP, a.num_valid, a.num_skipped) == (
+        b.mAP,
+        b.mINP,
+        b.num_valid,
+        b.num_skipped,
+    )
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_evaluate_features_equals_evaluate_rank_of_distances(metric):
+    rng = np.random.default_rng(7)
+    _, q_pids, g_pids, q_camids, g_camids = random_problem(7, nq=23, ng=70)
+    qf = rng.normal(size=(23, 16)).astype(np.float32)
+    gf = rng.normal(size=(70, 16)).astype(np.float32)
+    for chunk in (5, 64):
+        full = evaluate_rank(
+            compute_distance(qf, gf, metric, chunk_size=chunk),
+            q_pids,
+            g_pids,
+            q_camids,
+            g_camids,
+            max_rank=10,
+            chunk_size=chunk,
+        )
+        streamed = evaluate_features(
+            qf, gf, q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=10, chunk_size=chunk
+        )
+        np.testing.assert_array_equal(streamed.cmc, full.cmc)
+        assert streamed.mAP == full.mAP and streamed.mINP == full.mINP
+        assert streamed.num_skipped == full.num_skipped
+
+
+def test_compute_distance_euclidean_matches_cdist():
+    g = torch.Generator().manual_seed(0)
+    qf, gf = torch.randn(9, 12, generator=g), torch.randn(31, 12, generator=g)
+    ref = torch.cdist(qf.double(), gf.double()).numpy()
+    for chunk in (1, 4, 100):
+        out = compute_distance(qf, gf, "euclidean", chunk_size=chunk)
+        assert out.dtype == np.float32 and out.shape == (9, 31)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # Identical rows: the float32 expansion leaves only sqrt(rounding) ~ 1e-3 (never NaN, since
+    # negative rounding residue is clamped to zero before the sqrt).
+    same = compute_distance(qf.numpy(), qf.numpy())
+    assert np.all(np.isfinite(same)) and np.all(np.diag(same) < 5e-3)
+
+
+def test_compute_distance_cosine_matches_explicit_formula():
+    rng = np.random.default_rng(1)
+    qf, gf = rng.normal(size=(5, 7)), rng.normal(size=(8, 7))
+    ref = np.array([[1 - q @ g / (np.linalg.norm(q) * np.linalg.norm(g)) for g in gf] for q in qf])
+    out = compute_distance(qf, gf, metric="cosine", chunk_size=2)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+
+
+def test_compute_distance_errors():
+    qf, gf = np.zeros((2, 3)), np.zeros((4, 3))
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        compute_distance(qf, gf, metric="manhattan")
+    with pytest.raises(ValueError, match="same feature dimension, got 3 and 5"):
+        compute_distance(qf, np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"gf must be a 2-D .* got shape \(4,\)"):
+        compute_distance(qf, np.zeros(4))
+    with pytest.raises(ValueError, match="qf contains NaN or infinite values"):
+        compute_distance(np.full((2, 3), np.nan), gf)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        compute_distance(qf, gf, chunk_size=0)
+
+
+def test_evaluate_rank_errors():
+    distmat = np.zeros((2, 3))
+    ok = dict(q_pids=[1, 2], g_pids=[1, 2, 3], q_camids=[0, 0], g_camids=[1, 1, 1])
+    with pytest.raises(ValueError, match="q_pids has 3 entries but there are 2 queries"):
+        evaluate_rank(distmat, **{**ok, "q_pids": [1, 2, 3]})
+    with pytest.raises(ValueError, match="g_camids has 2 entries but there are 3 gallery items"):
+        evaluate_rank(distmat, **{**ok, "g_camids": [1, 1]})
+    with pytest.raises(ValueError, match=r"distmat must be 2-D .* got shape \(3,\)"):
+        evaluate_rank(np.zeros(3), **ok)
+    with pytest.raises(ValueError, match="max_rank must be a positive integer, got 0"):
+        evaluate_rank(distmat, **ok, max_rank=0)
+    with pytest.raises(ValueError, match="distmat contains NaN values"):
+        evaluate_rank(np.full((2, 3), np.nan), **ok)
+    with pytest.raises(ValueError, match="q_pids must hold integers"):
+        evaluate_rank(distmat, **{**ok, "q_pids": ["a", "b"]})
+    with pytest.raises(
+        ValueError, match=r"no query has a valid gallery match \(all 2 queries skipped\)"
+    ):
+        evaluate_rank(distmat, **{**ok, "g_pids": [7, 8, 9]})
+    with pytest.raises(ValueError, match="q_camids has 1 entries but there are 3 queries"):
+        evaluate_features(np.zeros((3, 4)), np.zeros((3, 4)), [1, 2, 3], [1, 2, 3], [0], [1, 1, 1])

@@ -1,0 +1,183 @@
+"""Results files and the Markdown comparison report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from esreid.metrics import build_report, load_results, write_results
+
+
+def market_run(name, config, rank1, mAP, rank5=0.97, mINP=0.5, dataset="market1501", **extra):
+    """A market-protocol results dict."""
+    return {
+        "run": name,
+        "config": config,
+        "dataset": dataset,
+        "protocol": "market",
+        "sizes": {"query": 3368, "gallery": 15913},
+        "rerank": False,
+        "epoch": 120,
+        "metrics": {"rank1": rank1, "rank5": rank5, "rank10": 0.99, "mAP": mAP, "mINP": mINP},
+        **extra,
+    }
+
+
+def table_row(report, first_cells):
+    """The cells of the report's table row that starts with ``first_cells``."""
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[: len(first_cells)] == first_cells:
+            return cells
+    raise AssertionError(f"no row starting with {first_cells} in:\n{report}")
+
+
+def section(report, title):
+    """The text of one '## title' section."""
+    start = report.index(f"## {title}\n")
+    end = report.find("\n## ", start + 1)
+    return report[start : end if end != -1 else len(report)]
+
+
+def test_round_trip_and_atomic_write(tmp_path):
+    res = market_run("r1", "esnet", np.float32(0.957), np.float64(0.886))
+    res["sizes"]["query"] = np.int64(3368)
+    (tmp_path / "run1").mkdir()
+    write_results(tmp_path / "run1", res)  # a run directory gets results.json
+    loaded = load_results(tmp_path / "run1")
+    assert loaded["metrics"]["rank1"] == pytest.approx(0.957, abs=1e-7)
+    assert loaded["sizes"]["query"] == 3368
+    assert load_results(tmp_path / "run1" / "results.json") == loaded
+    # Only the final file remains: the temporary was renamed, not left behind.
+    assert [p.name for p in (tmp_path / "run1").iterdir()] == ["results.json"]
+
+
+def test_report_person_rows_and_columns(tmp_path):
+    write_results(
+        tmp_path / "a.json", market_run("esnet_m", "esnet", 0.9571, 0.8864, 0.9812, 0.6543)
+    )
+    write_results(tmp_path / "b.json", market_run("base_m", "base", 0.93849, 0.82951, mINP=0.51049))
+    report = build_report([tmp_path / "a.json", tmp_path / "b.json"])
+    header = table_row(report, ["Method", "Run"])
+    assert header == ["Method", "Run", "rank-1", "mAP", "rank-5", "mINP"]
+    assert table_row(report, ["ES-Net", "esnet_m (epoch 120)"])[2:] == [
+        "95.7",
+        "88.6",
+        "98.1",
+        "65.4",
+    ]
+    assert table_row(report, ["Base", "base_m (epoch 120)"])[2:] == ["93.8", "83.0", "97.0", "51.0"]
+    # Paper rows for Market-1501 follow, marked (paper), from Tables I-III.
+    assert table_row(report, ["ES-Net (paper)"]) == [
+        "ES-Net (paper)",
+        "Table I",
+        "95.7",
+        "88.6",
+        "-",
+        "-",
+    ]
+    assert table_row(report, ["Base+BESM+GMP (paper)"])[2:4] == ["94.2", "84.4"]
+    assert table_row(report, ["ESB (R=20%, P=0.5) (paper)"])[2:4] == ["94.6", "86.2"]
+    assert (
+        report.index("| ES-Net | esnet_m")
+        < report.index("| Base | base_m")
+        < report.index("(paper)")
+    )
+    without = build_report([tmp_path / "a.json"], with_paper=False)
+    assert "(paper)" not in without and "esnet_m" in without
+
+
+def test_report_groups_by_dataset_with_dataset_specific_paper_rows(tmp_path):
+    write_results(
+        tmp_path / "duke.json", market_run("d", "esb", 0.88, 0.77, dataset="dukemtmc", rerank=True)
+    )
+    write_results(
+        tmp_path / "msmt.json", market_run("m", "base_random_erasing", 0.7, 0.45, dataset="msmt17")
+    )
+    veri = market_run("v", "vehicle", 0.9701, 0.8188, rank5=0.9849, dataset="veri776")
+    write_results(tmp_path / "veri.json", veri)
+    vid = {
+        "run": "vid",
+        "config": "vehicle",
+        "dataset": "vehicleid",
+        "protocol": "vehicleid",
+        "sizes": {"test": 19777},
+        "rerank": False,
+        "epoch": 60,
+        "metrics": {
+            "test_size": 2400,
+            "rank1": 0.7712,
+            "rank1_std": 0.0043,
+            "rank5": 0.9061,
+            "rank5_std": 0.0021,
+            "mAP": 0.82,
+        },
+    }
+    write_results(tmp_path / "vid.json", vid)
+    paths = [tmp_path / n for n in ("vid.json", "veri.json", "msmt.json", "duke.json")]
+    report = build_report(paths)
+    titles = [line for line in report.splitlines() if line.startswith("## ")]
+    assert titles == ["## DukeMTMC-reID", "## MSMT17", "## VeRi-776", "## VehicleID (Large, 2400)"]
+
+    duke = section(report, "DukeMTMC-reID")
+    assert table_row(duke, ["ESB (R=10%, P=0.3)", "d (epoch 120, re-ranked)"])[2:4] == [
+        "88.0",
+        "77.0",
+    ]
+    assert table_row(duke, ["ES-Net (paper)"])[2:4] == ["89.2", "78.8"]
+    assert "Base+Random Erasing (paper)" not in duke  # Table V has no DukeMTMC column
+
+    msmt = section(report, "MSMT17")
+    assert table_row(msmt, ["Base+Random Erasing", "m (epoch 120)"])[2:4] == ["70.0", "45.0"]
+    assert table_row(msmt, ["Base+Random Erasing (paper)"])[2:4] == ["72.8", "48.1"]
+    assert table_row(msmt, ["AIB+ESB (R=10%, P=0.3) (paper)"])[2:4] == ["81.0", "56.8"]
+
+    veri_sec = section(report, "VeRi-776")
+    assert table_row(veri_sec, ["Method", "Run"]) == ["Method", "Run", "rank-1", "rank-5", "mAP"]
+    assert table_row(veri_sec, ["ES-Net", "v (epoch 120)"])[2:] == ["97.0", "98.5", "81.9"]
+    assert table_row(veri_sec, ["ESB (paper)"])[2:] == ["96.4", "98.2", "79.2"]
+
+    vsec = section(report, "VehicleID (Large, 2400)")
+    assert table_row(vsec, ["Method", "Run"]) == ["Method", "Run", "rank-1", "rank-5"]
+    assert table_row(vsec, ["ES-Net", "vid (epoch 60)"])[2:] == ["77.1 ± 0.4", "90.6 ± 0.2"]
+    assert table_row(vsec, ["ES-Net (paper)"])[2:] == ["76.9", "90.7"]
+    assert table_row(vsec, ["Base (paper)"])[2:] == ["73.4", "85.7"]
+    assert "83.6" not in vsec  # the Small-subset figures belong to another section
+
+
+def test_missing_and_malformed_files_name_the_path(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"results file not found: {missing}")):
+        load_results(missing)
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no results.json in run directory {tmp_path}")
+    ):
+        load_results(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"run": "x", ')
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: malformed JSON (") + ".*line 1"):
+        load_results(bad)
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: malformed JSON")):
+        build_report([bad])
+
+
+def test_schema_errors(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"run": "x", "dataset": "market1501", "protocol": "market"}))
+    with pytest.raises(ValueError, match=re.escape(f"{p}: missing required key 'metrics'")):
+        load_results(p)
+    res = market_run("x", "base", 95.7, 0.88)  # a percentage where a fraction belongs
+    with pytest.raises(
+        ValueError, match=r"metrics\['rank1'\] must be a fraction in \[0, 1\], got 95.7"
+    ):
+        write_results(tmp_path / "w.json", res)
+    assert not (tmp_path / "w.json").exists()
+    res = market_run("x", "base", 0.9, 0.8)
+    res["protocol"] = "cuhk"
+    with pytest.raises(ValueError, match="protocol must be one of market, vehicleid, got 'cuhk'"):
+        write_results(tmp_path / "w.json", res)
+    with pytest.raises(ValueError, match="at least one results file"):
+        build_report([])
