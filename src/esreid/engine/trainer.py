@@ -24,7 +24,7 @@ from esreid.data.loader import build_train_loader
 from esreid.data.records import ReIDData
 from esreid.engine.evaluate import evaluate_model, format_metrics
 from esreid.engine.objective import branch_loss, total_loss
-from esreid.engine.schedule import build_scheduler
+from esreid.engine.schedule import lr_factor
 from esreid.metrics import write_results
 from esreid.models.esnet import ESNet, build_model
 from esreid.saliency import besm_erase
@@ -96,18 +96,21 @@ class Trainer:
             num_instances=d.num_instances, num_workers=d.num_workers, seed=cfg.train.seed,
             flip_prob=d.flip_prob, pad=d.pad,
         )
-        self.iters_per_epoch = len(self.loader)
-        if cfg.optim.iters_per_epoch > 0:
-            self.iters_per_epoch = min(self.iters_per_epoch, cfg.optim.iters_per_epoch)
+        self.iters_per_epoch = self._epoch_length(0)
         if self.iters_per_epoch < 1:
             raise ValueError("the training split is too small for one batch "
                              f"of {d.ids_per_batch} ids x {d.num_instances} images")
 
         self.model: ESNet = build_model(cfg.model, self.num_classes, cfg.erase).to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, self.iters_per_epoch, cfg.optim.warmup_epochs,
-                                         cfg.optim.milestones, cfg.optim.gamma)
+        # P-pooling's exponent is excluded from weight decay, which would pull it towards
+        # an arbitrary value of its parametrisation rather than towards "no pooling change".
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith("raw_l") else decay).append(p)
+        self.optimizer = torch.optim.Adam(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -121,7 +124,7 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
-        """Write model, optimiser, scheduler, epoch and RNG states atomically; returns the path."""
+        """Write model, optimiser, epoch and RNG states atomically; returns the path."""
         path = Path(path) if path else self.run_dir / "checkpoints" / "last.pt"
         atomic_torch_save({
             "esreid_version": __version__,
@@ -130,7 +133,6 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "generator": self.generator.get_state(),
@@ -142,7 +144,6 @@ class Trainer:
         ckpt = read_checkpoint(path)
         load_model_state(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -164,23 +165,42 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         parts.update(out.info)
         return float(loss.detach()), parts
 
+    def _epoch_length(self, epoch: int) -> int:
+        """Batches in ``epoch``: the PK sampler's exact count, capped by optim.iters_per_epoch."""
+        self.loader.sampler.set_epoch(epoch)
+        n = len(self.loader)
+        cap = self.cfg.optim.iters_per_epoch
+        return min(n, cap) if cap > 0 else n
+
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at fractional ``epoch`` (warm-up from 0, then step decay)."""
+        o = self.cfg.optim
+        return o.lr * lr_factor(epoch, o.warmup_epochs, o.milestones, o.gamma)
+
     def train_epoch(self) -> EpochStats:
-        """Train one epoch (``iters_per_epoch`` batches) and return its statistics."""
+        """Train one epoch and return its statistics.
+
+        The learning rate is set before every step from the fractional epoch, so it is a
+        pure function of progress (nothing to checkpoint) even though PK epochs vary
+        slightly in length.
+        """
         cfg = self.cfg
-        self.loader.sampler.set_epoch(self.epoch)
+        n_iters = self._epoch_length(self.epoch)
+        self.iters_per_epoch = n_iters
         start, seen = time.time(), 0
         losses: list[float] = []
         sums: dict[str, float] = {}
-        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
+        bar = tqdm(total=n_iters, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                    disable=not cfg.train.progress, leave=False, unit="it")
         last_batch = None
         for it, (images, pids, *_rest) in enumerate(self.loader):
-            if it >= self.iters_per_epoch:
+            if it >= n_iters:
                 break
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.epoch + (it + 1) / n_iters)
             images, pids = images.to(self.device, non_blocking=True), pids.to(self.device)
             loss, parts = self.train_step(images, pids)
             losses.append(loss)
@@ -188,7 +208,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             seen += images.shape[0]
             elapsed = time.time() - start
-            remaining_iters = (cfg.optim.epochs - self.epoch) * self.iters_per_epoch - (it + 1)
+            remaining_iters = (cfg.optim.epochs - self.epoch) * n_iters - (it + 1)
             eta = remaining_iters * elapsed / (it + 1)
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / elapsed:.1f}",
                             eta=f"{eta / 60:.1f}min")

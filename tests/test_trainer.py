@@ -1,0 +1,121 @@
+"""Training loop: schedule in the loop, checkpoint/resume, a tiny end-to-end run, the CLI."""
+
+import json
+
+import pytest
+import torch
+from fixture_trees import write_market1501
+
+from esreid.cli import main
+from esreid.config import load_config
+from esreid.data import load_dataset
+from esreid.data.synthetic import generate_synthetic
+from esreid.engine.trainer import CheckpointError, Trainer, model_from_checkpoint
+
+TINY = [
+    "model.backbone=resnet10", "model.pretrained=none", "data.name=synthetic",
+    "data.height=32", "data.width=16", "data.ids_per_batch=4", "data.num_instances=2",
+    "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1", "optim.milestones=[1]",
+    "optim.iters_per_epoch=2", "train.progress=false", "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "synthetic"
+    generate_synthetic(root, num_ids=12, height=32, width=16, seed=0, progress=False)
+    return root
+
+
+def _cfg(tmp_path, synth_root, preset="esnet", extra=()):
+    return load_config(preset, TINY + [f"data.root={synth_root}", f"train.output_dir={tmp_path}",
+                                       *extra])
+
+
+def test_lr_follows_warmup_and_decay_in_the_loop(tmp_path, synth_root):
+    trainer = Trainer(_cfg(tmp_path, synth_root))
+    assert trainer.lr_at(0.5) == pytest.approx(3.5e-4 * 0.5)
+    assert trainer.lr_at(1.0) == pytest.approx(3.5e-5)  # warm-up done, first decay at epoch 1
+    trainer.train_epoch()
+    # The last step of epoch 1 ran at epoch progress 1.0.
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3.5e-5)
+
+
+def test_resume_gives_the_same_next_step(tmp_path, synth_root):
+    cfg = _cfg(tmp_path, synth_root, extra=["data.flip_prob=0.5", "data.pad=2"])
+    first = Trainer(cfg, run_dir=tmp_path / "a")
+    first.train_epoch()
+    ckpt = first.save_checkpoint()
+    continued = first.train_epoch().step_losses
+
+    second = Trainer(cfg, run_dir=tmp_path / "b")
+    second.load_checkpoint(ckpt)
+    assert second.epoch == 1
+    resumed = second.train_epoch().step_losses
+    assert resumed == pytest.approx(continued, rel=1e-5, abs=1e-6)
+    for p1, p2 in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.allclose(p1, p2, atol=1e-6)
+
+
+def test_end_to_end_train_and_evaluate(tmp_path, synth_root):
+    cfg = _cfg(tmp_path, synth_root, extra=["train.run_name=e2e"])
+    result = Trainer(cfg).fit()
+    run = tmp_path / "e2e"
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["metrics"] == pytest.approx(result["metrics"])
+    m = saved["metrics"]
+    assert 0.0 <= m["mINP"] <= m["mAP"] <= 1.0 and 0.0 <= m["rank1"] <= m["rank5"] <= 1.0
+    data = load_dataset("synthetic", synth_root)
+    assert saved["sizes"]["query"] == len(data.query)
+    assert saved["sizes"]["gallery"] == len(data.gallery)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["type"] == "train"]
+    assert [x["epoch"] for x in train_lines] == [1, 2]
+    assert all("erased_loss" in x and "ppool_l_esb" in x and x["ppool_l_esb"] >= 1 for x in train_lines)
+    assert lines[-1]["type"] == "eval"
+
+    # The checkpoint evaluates to the same numbers through the CLI.
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--config", "esnet", "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                 "--out", str(out), "--set", *TINY, f"data.root={synth_root}"])
+    assert code == 0
+    assert json.loads(out.read_text())["metrics"] == pytest.approx(m, abs=1e-6)
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path, synth_root):
+    cfg = _cfg(tmp_path, synth_root, extra=["train.run_name=one"])
+    trainer = Trainer(cfg)
+    ckpt = trainer.save_checkpoint()
+    base_cfg = _cfg(tmp_path, synth_root, preset="base")
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        model_from_checkpoint(base_cfg, ckpt)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"nope")
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {junk}"):
+        model_from_checkpoint(cfg, junk)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        model_from_checkpoint(cfg, tmp_path / "missing.pt")
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--config", "base", "--set", "optim.lrr=1"]) == 2
+    assert "unknown config key optim.lrr" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["train", "--config", "base", "--set", *TINY, "data.name=market1501",
+                 f"data.root={missing}", f"train.output_dir={tmp_path}"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    bench = write_market1501(tmp_path)
+    (bench / "query" / "0001_c1_bad.jpg").write_bytes(b"")
+    assert main(["train", "--config", "base", "--set", *TINY, "data.name=market1501",
+                 f"data.root={tmp_path}", f"train.output_dir={tmp_path}"]) == 2
+    assert "0001_c1_bad.jpg" in capsys.readouterr().err
+
+
+def test_cli_help_everywhere(capsys):
+    for cmd in ([], ["train"], ["evaluate"], ["synth"], ["demo"], ["plot"], ["report"],
+                ["sweep"], ["explain"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--help"])
+        assert exc.value.code == 0
+        assert "usage: esreid" in capsys.readouterr().out
