@@ -69,19 +69,18 @@ def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False,
-             num_explained: int = 4) -> dict[str, Any]:
+             num_explained: int = 4, extra_settings: list[str] | None = None) -> dict[str, Any]:
     """Generate (or reuse) the synthetic benchmark, train and evaluate Base and ES-Net,
     print a comparison table, save heat maps; returns what ``results.json`` holds.
 
     ``quick`` shrinks everything (tiny backbone, a few iterations) for smoke tests; its
-    numbers mean nothing.
+    numbers mean nothing. ``extra_settings`` are further ``section.key=value`` overrides.
     """
     start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_run_logging(out_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    settings = DEMO_SETTINGS + (QUICK_SETTINGS if quick else [])
+    settings = DEMO_SETTINGS + (QUICK_SETTINGS if quick else []) + list(extra_settings or [])
     settings = settings + [f"data.root={out_dir / 'synthetic'}", f"train.output_dir={out_dir}"]
 
     base_cfg = load_config("base", settings)

@@ -45,12 +45,18 @@ class CheckpointError(RuntimeError):
 
 
 def load_data(cfg: Config) -> ReIDData:
-    """Load ``cfg.data.name`` from ``cfg.data.root``; the synthetic benchmark is generated if absent."""
+    """Load ``cfg.data.name`` from ``cfg.data.root`` and return its splits.
+
+    The synthetic benchmark is generated first when ``data.root`` holds none.
+    """
     name, root = cfg.data.name, Path(cfg.data.root).expanduser()
     if name == "synthetic":
-        from esreid.data.synthetic import ensure_synthetic
+        from esreid.data.synthetic import MANIFEST_NAME, ensure_synthetic
 
-        root = ensure_synthetic(root, num_ids=cfg.data.synth_ids, seed=cfg.data.synth_seed)
+        # An existing generated benchmark is used as it is (whatever its size); only a
+        # missing one is generated from data.synth_ids / data.synth_seed.
+        if not (root / MANIFEST_NAME).is_file():
+            root = ensure_synthetic(root, num_ids=cfg.data.synth_ids, seed=cfg.data.synth_seed)
     options: dict[str, Any] = {}
     if name == "vehicleid":
         options["test_size"] = cfg.data.test_size
