@@ -2,14 +2,17 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from fixture_trees import write_market1501
 
 from esreid.cli import main
 from esreid.config import load_config
 from esreid.data import load_dataset
 from esreid.data.synthetic import generate_synthetic
+from esreid.engine.evaluate import camera_filter_labels
 from esreid.engine.trainer import CheckpointError, Trainer, model_from_checkpoint
 
 TINY = [
@@ -82,6 +85,23 @@ def test_end_to_end_train_and_evaluate(tmp_path, synth_root):
     assert code == 0
     assert json.loads(out.read_text())["metrics"] == pytest.approx(m, abs=1e-6)
 
+    # CG-RAM explanations of the trained model's rankings.
+    code = main(["explain", "--config", "esnet", "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                 "--queries", "2", "--top-k", "2", "--out", str(tmp_path / "explain"),
+                 "--set", *TINY, f"data.root={synth_root}"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == [
+        "query00_rank1.png", "query00_rank2.png", "query01_rank1.png", "query01_rank2.png"]
+
+
+def test_single_camera_data_is_evaluated_without_camera_filter():
+    q, g = np.zeros(3, dtype=int), np.zeros(5, dtype=int)
+    q2, g2 = camera_filter_labels(q, g)
+    assert set(q2) == {0} and set(g2) == {1}
+    q, g = np.array([0, 1]), np.array([1, 0, 0])
+    q2, g2 = camera_filter_labels(q, g)
+    assert q2 is q and g2 is g
+
 
 def test_wrong_checkpoint_is_a_clear_error(tmp_path, synth_root):
     cfg = _cfg(tmp_path, synth_root, extra=["train.run_name=one"])
@@ -119,3 +139,15 @@ def test_cli_help_everywhere(capsys):
             main([*cmd, "--help"])
         assert exc.value.code == 0
         assert "usage: esreid" in capsys.readouterr().out
+
+
+def test_sweep_trains_one_run_per_value(tmp_path, synth_root, capsys):
+    code = main(["sweep", "--config", "esnet", "--param", "erase.ratio", "--values", "0.1", "0.3",
+                 "--set", *TINY, "optim.epochs=1", "optim.iters_per_epoch=1",
+                 f"data.root={synth_root}", f"train.output_dir={tmp_path}"])
+    assert code == 0
+    for value in ("0.1", "0.3"):
+        run = tmp_path / f"esnet_ratio{value}"
+        assert yaml.safe_load((run / "config.yaml").read_text())["erase"]["ratio"] == float(value)
+        assert json.loads((run / "results.json").read_text())["config"] == "esnet"
+    assert "esnet_ratio0.1" in capsys.readouterr().out

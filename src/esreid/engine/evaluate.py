@@ -32,6 +32,21 @@ def _embed(model: nn.Module, records, cfg: Config, device: torch.device, desc: s
                             progress=cfg.train.progress, desc=desc)
 
 
+def camera_filter_labels(q_cams: np.ndarray, g_cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Camera ids to give the Market protocol.
+
+    When every query and gallery image has the same camera (custom data without camera
+    information), the protocol's "ignore same-camera matches" rule would ignore every true
+    match; camera filtering is then switched off (with a warning) by giving queries and
+    gallery different ids. Otherwise the ids are returned unchanged.
+    """
+    if len(q_cams) and len(np.unique(np.concatenate([q_cams, g_cams]))) == 1:
+        log.warning("all query and gallery images share one camera: evaluating without the "
+                    "same-camera filter of the Market protocol")
+        return np.zeros_like(q_cams), np.ones_like(g_cams)
+    return q_cams, g_cams
+
+
 def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
                    device: torch.device | str = "cpu",
                    features_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -68,6 +83,7 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         gf, g_pids, g_cams = _embed(model, data.gallery, cfg, device, "gallery")
         if features_out is not None:
             features_out.update(query=qf, gallery=gf)
+        q_cams, g_cams = camera_filter_labels(q_cams, g_cams)
         if cfg.eval.rerank:
             dist = k_reciprocal_rerank(qf.numpy(), gf.numpy(), k1=cfg.eval.k1, k2=cfg.eval.k2,
                                        lambda_value=cfg.eval.lambda_value, metric=cfg.eval.metric)
