@@ -151,3 +151,17 @@ def test_sweep_trains_one_run_per_value(tmp_path, synth_root, capsys):
         assert yaml.safe_load((run / "config.yaml").read_text())["erase"]["ratio"] == float(value)
         assert json.loads((run / "results.json").read_text())["config"] == "esnet"
     assert "esnet_ratio0.1" in capsys.readouterr().out
+
+
+def test_custom_data_through_the_config(tmp_path):
+    from fixture_trees import write_custom_folders
+
+    from esreid.engine.trainer import load_data
+
+    root = write_custom_folders(tmp_path, split_layout=True)
+    cfg = load_config("esnet", ["data.name=custom", f"data.root={root}",
+                                r"data.cam_pattern=_cam(\d+)_"])
+    data = load_data(cfg)
+    assert [r.camid for r in data.query] == [0]
+    assert sorted(r.camid for r in data.gallery) == [0, 1]  # dave cam1 -> 0, carol cam2 -> 1
+    assert data.num_train_pids == 2

@@ -38,6 +38,7 @@ class DataConfig:
     flip_prob: float = 0.5
     pad: int = 0  # >0: pad then random-crop back to size
     test_size: int = 800  # VehicleID test list: 800 | 1600 | 2400
+    cam_pattern: str = ""  # custom folders: regex with one group giving the camera from a file name
     synth_ids: int = 300  # synthetic benchmark: number of identities (generated when missing)
     synth_seed: int = 0
 

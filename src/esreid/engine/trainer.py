@@ -60,6 +60,8 @@ def load_data(cfg: Config) -> ReIDData:
     options: dict[str, Any] = {}
     if name == "vehicleid":
         options["test_size"] = cfg.data.test_size
+    if name == "custom" and cfg.data.cam_pattern:
+        options["cam_pattern"] = cfg.data.cam_pattern
     return load_dataset(name, root, **options)
 
 
