@@ -43,7 +43,7 @@ def install() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - dev.py may run under an older python3
         print("esreid needs Python >= 3.10", file=sys.stderr)
         return 2
     if not argv or argv[0] not in ("demo", "test", "install"):

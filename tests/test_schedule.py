@@ -1,6 +1,7 @@
 """Warm-up + step-decay learning-rate schedule (paper IV-A.2)."""
 
 import pytest
+
 from esreid.engine.schedule import lr_factor
 
 
