@@ -1,0 +1,316 @@
+"""Tests of the embedded synthetic benchmark (esreid.data.synthetic)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from esreid.data.synthetic import (
+    CLOTH_COLORS,
+    GENERATOR_VERSION,
+    MANIFEST_NAME,
+    PART_ATTRIBUTES,
+    ensure_synthetic,
+    generate_synthetic,
+    render_image,
+    sample_cameras,
+    sample_identities,
+)
+
+MARKET_RE = re.compile(r"^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
+SPLITS = ("bounding_box_train", "bounding_box_test", "query")
+SMALL = {"num_ids": 12, "num_cams": 4, "height": 32, "width": 16, "seed": 3}
+
+
+def _parse(folder: Path) -> list[tuple[str, int, int]]:
+    """(name, pid, cam) of every file in a split folder; fails on a non-Market name."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        match = MARKET_RE.match(path.name)
+        assert match, f"not a Market-1501 name: {path.name}"
+        out.append((path.name, int(match.group(1)), int(match.group(2))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth") / "small"
+    summary = generate_synthetic(out, progress=False, **SMALL)
+    return out, summary
+
+
+def test_layout_and_market_names(small):
+    out, summary = small
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SPLITS, MANIFEST_NAME])
+    names = []
+    for split in SPLITS:
+        for name, _pid, cam in _parse(out / split):
+            assert 1 <= cam <= SMALL["num_cams"]
+            names.append(name)
+    assert len(names) == len(set(names)) == summary["counts"]["total"]
+    assert summary["cameras"] == [1, 2, 3, 4]
+
+
+def test_counts_match_summary(small):
+    out, summary = small
+    counts = summary["counts"]
+    assert len(_parse(out / "bounding_box_train")) == counts["train"]
+    assert len(_parse(out / "query")) == counts["query"]
+    gallery = _parse(out / "bounding_box_test")
+    assert len(gallery) == counts["gallery"]
+    assert (
+        sum(pid == -1 for _, pid, _ in gallery) == counts["gallery_junk"] == SMALL["num_ids"] // 2
+    )
+    assert (
+        sum(pid == 0 for _, pid, _ in gallery) == counts["gallery_distractors"] == SMALL["num_ids"]
+    )
+    assert counts["train"] + counts["query"] + counts["gallery"] == counts["total"]
+
+
+def test_train_and_test_identities_are_disjoint_halves(small):
+    out, summary = small
+    train = {pid for _, pid, _ in _parse(out / "bounding_box_train")}
+    test = {pid for split in ("query", "bounding_box_test") for _, pid, _ in _parse(out / split)}
+    test -= {-1, 0}
+    assert train == set(summary["ids"]["train"])
+    assert test == set(summary["ids"]["test"])
+    assert not train & test
+    assert len(train) == len(test) == SMALL["num_ids"] // 2
+
+
+def test_every_query_has_a_gallery_match_in_another_camera(small):
+    out, _ = small
+    gallery_cams = defaultdict(set)
+    for _, pid, cam in _parse(out / "bounding_box_test"):
+        gallery_cams[pid].add(cam)
+    queries = _parse(out / "query")
+    assert queries
+    for name, pid, cam in queries:
+        assert gallery_cams[pid] - {cam}, f"{name} has no cross-camera gallery match"
+    per_camera = defaultdict(int)
+    for _, pid, cam in queries:
+        per_camera[(pid, cam)] += 1
+    assert max(per_camera.values()) == 1
+
+
+def test_junk_and_distractors_only_in_gallery(small):
+    out, _ = small
+    for split in ("bounding_box_train", "query"):
+        assert all(pid > 0 for _, pid, _ in _parse(out / split))
+    gallery_pids = {pid for _, pid, _ in _parse(out / "bounding_box_test")}
+    assert {-1, 0} <= gallery_pids
+    assert any(p.name.startswith("-1_c") for p in (out / "bounding_box_test").iterdir())
+
+
+def test_images_are_jpegs_of_the_requested_size(small):
+    out, _ = small
+    for split in SPLITS:
+        for path in (out / split).iterdir():
+            with Image.open(path) as image:
+                assert image.format == "JPEG"
+                assert image.mode == "RGB"
+                assert image.size == (SMALL["width"], SMALL["height"])
+
+
+def test_manifest_records_version_params_and_identities(small):
+    out, summary = small
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["version"] == GENERATOR_VERSION == summary["version"]
+    assert manifest["params"] == summary["params"]
+    assert manifest["params"]["num_ids"] == 12 and manifest["params"]["seed"] == 3
+    assert manifest["params"]["num_distractors"] == 12 and manifest["params"]["num_junk"] == 6
+    assert [s["pid"] for s in manifest["identities"]] == list(range(1, 13))
+    assert len(manifest["camera_styles"]) == SMALL["num_cams"]
+    assert manifest["counts"] == summary["counts"]
+
+
+def test_same_seed_gives_identical_bytes_other_seed_differs(small, tmp_path):
+    out, _ = small
+    again = tmp_path / "again"
+    generate_synthetic(again, progress=False, **SMALL)
+    for split in SPLITS:
+        names = sorted(p.name for p in (out / split).iterdir())
+        assert names == sorted(p.name for p in (again / split).iterdir())
+        for name in names[:: max(1, len(names) // 5)]:
+            assert (out / split / name).read_bytes() == (again / split / name).read_bytes()
+    assert (out / MANIFEST_NAME).read_text() == (again / MANIFEST_NAME).read_text()
+
+    other = tmp_path / "other"
+    generate_synthetic(other, progress=False, **{**SMALL, "seed": 4})
+    listing = sorted(p.name for p in (out / "bounding_box_train").iterdir())
+    other_listing = sorted(p.name for p in (other / "bounding_box_train").iterdir())
+    assert listing != other_listing
+
+
+def test_ensure_caches_then_regenerates_on_parameter_change(tmp_path, caplog):
+    out = tmp_path / "data" / "synth"
+    params = {**SMALL, "num_ids": 6}
+    with caplog.at_level(logging.INFO, logger="esreid.data"):
+        assert ensure_synthetic(out, progress=False, **params) == out
+    assert any("wrote" in r.message for r in caplog.records)
+    manifest = out / MANIFEST_NAME
+    some_image = next((out / "bounding_box_train").iterdir())
+    stamps = (manifest.stat().st_mtime_ns, some_image.stat().st_mtime_ns, some_image.stat().st_ino)
+
+    assert ensure_synthetic(out, progress=False, **params) == out
+    assert (
+        manifest.stat().st_mtime_ns,
+        some_image.stat().st_mtime_ns,
+        some_image.stat().st_ino,
+    ) == stamps
+
+    ensure_synthetic(out, progress=False, **{**params, "seed": 9})
+    assert json.loads(manifest.read_text())["params"]["seed"] == 9
+    # Only the final folder is left beside it: no temporary or old copies.
+    assert [p.name for p in out.parent.iterdir()] == ["synth"]
+
+
+def test_ensure_regenerates_an_incomplete_folder(tmp_path):
+    out = tmp_path / "synth"
+    params = {**SMALL, "num_ids": 4}
+    ensure_synthetic(out, progress=False, **params)
+    victim = next((out / "query").iterdir())
+    victim.unlink()
+    ensure_synthetic(out, progress=False, **params)
+    assert victim.exists()
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="synthetic.json"):
+        generate_synthetic(foreign, progress=False, **SMALL)
+    with pytest.raises(FileExistsError, match="synthetic.json"):
+        ensure_synthetic(foreign, progress=False, **SMALL)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        generate_synthetic(a_file, progress=False, **SMALL)
+
+
+def test_an_existing_empty_folder_is_used(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    summary = generate_synthetic(out, progress=False, **{**SMALL, "num_ids": 4})
+    assert (out / MANIFEST_NAME).is_file()
+    assert len(list((out / "bounding_box_train").iterdir())) == summary["counts"]["train"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_ids": 1}, "num_ids"),
+        ({"num_cams": 10}, "num_cams"),
+        ({"height": 4}, "height"),
+        ({"width": 2.5}, "width"),
+        ({"seed": -1}, "seed"),
+        ({"family_size": 0}, "family_size"),
+        ({"family_fraction": 1.5}, "family_fraction"),
+        ({"occlusion_prob": -0.1}, "occlusion_prob"),
+        ({"num_junk": -3}, "num_junk"),
+        ({"jpeg_quality": 101}, "jpeg_quality"),
+    ],
+)
+def test_bad_parameters_are_named(tmp_path, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        generate_synthetic(tmp_path / "x", progress=False, **{**SMALL, **kwargs})
+    assert not list(tmp_path.iterdir())
+
+
+def test_ensure_rejects_unknown_parameters(tmp_path):
+    with pytest.raises(TypeError, match="num_people"):
+        ensure_synthetic(tmp_path / "x", num_people=3)
+
+
+def _rgb_distance(a: str, b: str) -> float:
+    return float(np.linalg.norm(np.subtract(CLOTH_COLORS[a], CLOTH_COLORS[b])))
+
+
+def test_family_members_differ_in_exactly_one_part():
+    specs = sample_identities(120, np.random.default_rng(0), family_size=4, family_fraction=1.0)
+    assert [s.pid for s in specs] == list(range(1, 121))
+    assert len({tuple(s.parts().values()) for s in specs}) == 120
+    families = defaultdict(list)
+    for spec in specs:
+        families[spec.family].append(spec)
+    assert all(len(members) == 4 for members in families.values())
+    varied = set()
+    for members in families.values():
+        attr = members[0].varies
+        varied.add(attr)
+        for a, b in itertools.combinations(members, 2):
+            diff = [k for k in PART_ATTRIBUTES if getattr(a, k) != getattr(b, k)]
+            assert diff == [attr]
+            va, vb = getattr(a, attr), getattr(b, attr)
+            if attr not in ("hair_color", "logo_shape") and va is not None and vb is not None:
+                assert _rgb_distance(va, vb) >= 110
+    assert len(varied) >= 5
+
+
+def test_family_fraction_mixes_families_and_singletons():
+    specs = sample_identities(100, np.random.default_rng(1), family_size=4, family_fraction=0.5)
+    sizes = defaultdict(int)
+    for spec in specs:
+        sizes[spec.family] += 1
+    assert sum(n for n in sizes.values() if n > 1) == 50
+    assert all(s.varies is None for s in specs if sizes[s.family] == 1)
+    first_half = {s.family for s in specs[:50] if sizes[s.family] > 1}
+    second_half = {s.family for s in specs[50:] if sizes[s.family] > 1}
+    assert first_half and second_half
+    none = sample_identities(10, np.random.default_rng(1), family_size=4, family_fraction=0.0)
+    assert len({s.family for s in none}) == 10
+
+
+def test_every_varied_part_is_visible_in_the_image():
+    base = sample_identities(1, np.random.default_rng(5), family_size=1)[0]
+    base = replace(
+        base,
+        upper_color="blue",
+        upper_pattern="logo",
+        pattern_color="white",
+        logo_shape="circle",
+        bag_side="left",
+        bag_color="red",
+        hat_color="green",
+        backpack_color="yellow",
+        shoe_color="black",
+        hair_color="black",
+        lower_color="grey",
+        lower_type="trousers",
+    )
+    changes = {
+        "shoe_color": "white",
+        "bag_color": "sky",
+        "hat_color": None,
+        "backpack_color": "purple",
+        "pattern_color": "orange",
+        "logo_shape": "triangle",
+        "hair_color": "blond",
+        "lower_color": "pink",
+    }
+    camera = sample_cameras(1, np.random.default_rng(0))[0]
+
+    def draw(spec, seed):
+        return render_image(spec, camera, np.random.default_rng(seed), 128, 64, 0.0)
+
+    for attr, value in changes.items():
+        other = replace(base, **{attr: value})
+        differing = [not np.array_equal(draw(base, s), draw(other, s)) for s in range(4)]
+        # The logo is on the front only; every other part shows from both sides.
+        assert any(differing) if attr in ("pattern_color", "logo_shape") else all(differing), attr
+    first = draw(base, 0)
+    assert first.shape == (128, 64, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, draw(base, 0))
