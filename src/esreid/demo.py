@@ -38,10 +38,10 @@ DEMO_SETTINGS = [
     "data.ids_per_batch=8",
     "data.num_instances=4",
     "data.num_workers=1",
-    "optim.epochs=14",
+    "optim.epochs=8",
     "optim.lr=3.5e-4",
-    "optim.warmup_epochs=2",
-    "optim.milestones=[10]",
+    "optim.warmup_epochs=1",
+    "optim.milestones=[6]",
     "train.checkpoint_every=0",
     "eval.batch_size=256",
 ]
