@@ -1,9 +1,7 @@
 """Shared test settings: deterministic, CPU-only, few threads."""
 
-
 import pytest
 import torch
-
 
 
 @pytest.fixture(autouse=True)
