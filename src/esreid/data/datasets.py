@@ -251,6 +251,31 @@ def format_summary(data: ReIDData) -> str:
 # --------------------------------------------------------------------------- Market-1501 layout
 
 
+def _assemble(
+    name: str,
+    train: Sequence[Entry],
+    query: Sequence[Entry],
+    gallery: Sequence[Entry],
+    published: dict[str, tuple[int, int]] | None,
+    extra: dict | None = None,
+) -> ReIDData:
+    """Market-protocol ReIDData from parsed entries: relabel train, keep test ids, compare
+    the split sizes with ``published`` (when given) and log the summary."""
+    data = ReIDData(
+        name=name,
+        train=_relabel(train),
+        query=_keep_ids(query),
+        gallery=_keep_ids(gallery),
+        protocol="market",
+        extra=extra or {},
+    )
+    if published is not None:
+        _check_stats(
+            name, {"train": data.train, "query": data.query, "gallery": data.gallery}, published
+        )
+    return _finish(data)
+
+
 def _scan_folder(folder: Path, pattern: re.Pattern[str], expected: str) -> list[Entry]:
     """Parse every image of a flat folder whose names start ``{pid}_c{cam}``."""
     entries = []
@@ -294,19 +319,8 @@ def _load_market_layout(
         if not keep:
             splits[split] = [e for e in entries if e[1] != -1]
 
-    data = ReIDData(
-        name=name,
-        train=_relabel(splits["train"]),
-        query=_keep_ids(splits["query"]),
-        gallery=_keep_ids(splits["gallery"]),
-        protocol="market",
-        extra={"dropped_junk": dropped},
-    )
-    if published is not None:
-        _check_stats(
-            name, {"train": data.train, "query": data.query, "gallery": data.gallery}, published
-        )
-    return _finish(data)
+    return _assemble(name, splits["train"], splits["query"], splits["gallery"], published,
+                     extra={"dropped_junk": dropped})
 
 
 def load_market1501(
@@ -362,20 +376,8 @@ def load_dukemtmc(root: str | os.PathLike[str], *, check_stats: bool = True) -> 
         split: _scan_folder(_require(base / folder, title, layout), _DUKE_RE, expected)
         for split, folder in zip(SPLITS, _MARKET_FOLDERS, strict=True)
     }
-    data = ReIDData(
-        name="dukemtmc",
-        train=_relabel(entries["train"]),
-        query=_keep_ids(entries["query"]),
-        gallery=_keep_ids(entries["gallery"]),
-        protocol="market",
-    )
-    if check_stats:
-        _check_stats(
-            "dukemtmc",
-            {"train": data.train, "query": data.query, "gallery": data.gallery},
-            PUBLISHED_STATS["dukemtmc"],
-        )
-    return _finish(data)
+    published = PUBLISHED_STATS["dukemtmc"] if check_stats else None
+    return _assemble("dukemtmc", entries["train"], entries["query"], entries["gallery"], published)
 
 
 # --------------------------------------------------------------------------- list-file benchmarks
@@ -418,14 +420,7 @@ def load_msmt17(
     train = _msmt_list(lists["list_train.txt"], train_folder)
     if combine_val:
         train += _msmt_list(lists["list_val.txt"], train_folder)
-    data = ReIDData(
-        name="msmt17",
-        train=_relabel(train),
-        query=_keep_ids(_msmt_list(lists["list_query.txt"], test_folder)),
-        gallery=_keep_ids(_msmt_list(lists["list_gallery.txt"], test_folder)),
-        protocol="market",
-        extra={"version": "V2" if is_v2 else "V1"},
-    )
+    published = None
     if check_stats:
         stats = PUBLISHED_STATS["msmt17"]
         published = {
@@ -433,10 +428,14 @@ def load_msmt17(
             "query": stats["query"],
             "gallery": stats["gallery"],
         }
-        _check_stats(
-            "msmt17", {"train": data.train, "query": data.query, "gallery": data.gallery}, published
-        )
-    return _finish(data)
+    return _assemble(
+        "msmt17",
+        train,
+        _msmt_list(lists["list_query.txt"], test_folder),
+        _msmt_list(lists["list_gallery.txt"], test_folder),
+        published,
+        extra={"version": "V2" if is_v2 else "V1"},
+    )
 
 
 def _veri_split(base: Path, folder: str, list_name: str, title: str, layout: str) -> list[Entry]:
@@ -474,20 +473,8 @@ def load_veri776(root: str | os.PathLike[str], *, check_stats: bool = True) -> R
         split: _veri_split(base, folder, list_name, title, layout)
         for split, folder, list_name in zip(SPLITS, _VERI_FOLDERS, lists, strict=True)
     }
-    data = ReIDData(
-        name="veri776",
-        train=_relabel(entries["train"]),
-        query=_keep_ids(entries["query"]),
-        gallery=_keep_ids(entries["gallery"]),
-        protocol="market",
-    )
-    if check_stats:
-        _check_stats(
-            "veri776",
-            {"train": data.train, "query": data.query, "gallery": data.gallery},
-            PUBLISHED_STATS["veri776"],
-        )
-    return _finish(data)
+    published = PUBLISHED_STATS["veri776"] if check_stats else None
+    return _assemble("veri776", entries["train"], entries["query"], entries["gallery"], published)
 
 
 def _vehicleid_list(list_path: Path, image_folder: Path) -> list[Entry]:
