@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
         return 2
     install()
     if argv[0] == "demo":
-        return subprocess.run([str(BIN / "esreid"), "demo", *argv[1:]], cwd=ROOT).returncode
+        # The demo writes runs/demo/ under the current directory.
+        return subprocess.run([str(BIN / "esreid"), "demo", *argv[1:]]).returncode
     if argv[0] == "test":
         return subprocess.run([str(PY), "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
     return 0
