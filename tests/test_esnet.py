@@ -145,3 +145,18 @@ def test_one_training_step_decreases_the_loss_on_a_fixed_batch():
     with torch.no_grad():
         after = loss_now()
     assert float(after.detach()) < 0.9 * float(before.detach())
+
+
+@pytest.mark.parametrize("reuse_clean", [True, False])
+def test_esb_input_for_partly_erased_batch(reuse_clean):
+    cfg = ModelConfig(**TINY)
+    erase = EraseConfig(method="besm", ratio=0.3, prob=0.5, reuse_clean=reuse_clean)
+    model = build_model(cfg, 4, erase).eval()  # eval: BatchNorm does not couple the samples
+    images, pids = _batch()
+    out = model.forward_train(images, pids, generator=torch.Generator().manual_seed(3))
+    was = out.was_erased
+    assert 0 < int(was.sum()) < len(was)
+    # Unerased images are untouched in I*, so either way the ESB sees trunk(I*).
+    expected = model.esb(model.trunk(out.erased_images))
+    assert torch.equal(out.erased_images[~was], images[~was])
+    assert torch.allclose(out.branches["esb"].feat, expected.feat, atol=1e-5)

@@ -68,6 +68,10 @@ class EraseConfig:
     prob: float = 0.5  # P: probability that an image is erased
     value: float = 0.0  # erase value in normalised space
     layer: str = "layer4"  # ESB stage whose output is the CG-RAM layer L (res_conv5 = layer4)
+    # true: only the erased images take the second trunk pass, the others reuse the clean
+    # trunk features (same images; the trunk's BatchNorm sees the erased subset's statistics).
+    # false: the whole batch I* goes through the trunk again, as Algorithm 1 is written.
+    reuse_clean: bool = True
     bfd_height: float = 0.3  # batch feature dropping block, as fractions of the feature map
     bfd_width: float = 1.0
 

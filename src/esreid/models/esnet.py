@@ -157,6 +157,20 @@ class ESNet(nn.Module):
             fmap = b.feature_map(shared.detach(), upto=layer)
         return grad_cam_batch(lambda a: b.head(a, after=layer).logits, fmap, pids)
 
+    def _trunk_erased(self, shared: torch.Tensor, erased: torch.Tensor,
+                      was_erased: torch.Tensor) -> torch.Tensor:
+        """Trunk features of the erased batch I*.
+
+        Unerased images of I* are the clean images, so with ``erase.reuse_clean`` only the
+        erased ones take a second trunk pass and the rest reuse ``shared``.
+        """
+        if not bool(was_erased.any()):
+            return shared
+        if not self.erase.reuse_clean or bool(was_erased.all()):
+            return self.trunk(erased)
+        idx = was_erased.nonzero().squeeze(1).to(shared.device)
+        return shared.index_put((idx,), self.trunk(erased[idx]))
+
     def forward_train(
         self, images: torch.Tensor, pids: torch.Tensor, generator: torch.Generator | None = None
     ) -> TrainOutput:
@@ -164,7 +178,7 @@ class ESNet(nn.Module):
 
         AIB sees ``images``; ESB sees them after the configured eraser. BESM costs one extra
         no-grad forward of the ESB stages (for the saliency map) and a second trunk pass on
-        the erased batch.
+        the erased images.
         """
         shared = self.trunk(images)
         out = TrainOutput(branches={})
@@ -181,13 +195,11 @@ class ESNet(nn.Module):
                 maps = self._gradcam_maps(shared, pids)
             erased, was = besm_erase(images, maps, e.ratio, e.prob, e.value, generator=generator)
             out.saliency, out.erased_images, out.was_erased = maps, erased, was
-            if bool(was.any()):
-                esb_in = self.trunk(erased)
+            esb_in = self._trunk_erased(shared, erased, was)
         elif e.method == "random":
             erased, was = random_erase(images, prob=e.prob, value=e.value, generator=generator)
             out.erased_images, out.was_erased = erased, was
-            if bool(was.any()):
-                esb_in = self.trunk(erased)
+            esb_in = self._trunk_erased(shared, erased, was)
         if e.method == "bfd":
             fmap = self.esb.feature_map(esb_in)
             fmap = batch_feature_drop(fmap, e.bfd_height, e.bfd_width, generator=generator)
