@@ -30,33 +30,35 @@ MODELS = [
 ]
 
 
-def time_steps(preset: str, overrides: list[str], args: argparse.Namespace) -> list[float]:
-    """Seconds of each timed training step (forward, Eq. 1, backward, Adam) of one model."""
-    cfg = load_config(preset, overrides + [f"model.backbone={args.backbone}", "model.pretrained=none"])
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    num_classes = 100
-    model = build_model(cfg.model, num_classes, cfg.erase).to(device).train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3.5e-4)
-    n = args.ids * args.instances
-    images = torch.randn(n, 3, args.height, args.width, device=device)
-    pids = torch.arange(args.ids, device=device).repeat_interleave(args.instances)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for step in range(args.warmup + args.repeats):
-        if device.type == "cuda":
+class StepRunner:
+    """One model with its optimiser and a fixed random batch; :meth:`step` times one step."""
+
+    def __init__(self, preset: str, overrides: list[str], args: argparse.Namespace) -> None:
+        cfg = load_config(preset, overrides + [f"model.backbone={args.backbone}",
+                                               "model.pretrained=none"])
+        torch.manual_seed(0)
+        self.device = torch.device(args.device)
+        self.loss_cfg = cfg.loss
+        self.model = build_model(cfg.model, 100, cfg.erase).to(self.device).train()
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=3.5e-4)
+        n = args.ids * args.instances
+        self.images = torch.randn(n, 3, args.height, args.width, device=self.device)
+        self.pids = torch.arange(args.ids, device=self.device).repeat_interleave(args.instances)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def step(self) -> float:
+        """Seconds of one training step (forward, Eq. 1, backward, Adam)."""
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model.forward_train(images, pids, generator=gen)
-        loss, _ = total_loss(out, pids, cfg.loss)
-        opt.zero_grad(set_to_none=True)
+        out = self.model.forward_train(self.images, self.pids, generator=self.gen)
+        loss, _ = total_loss(out, self.pids, self.loss_cfg)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if device.type == "cuda":
+        self.opt.step()
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -73,11 +75,17 @@ def main() -> None:
     print(f"{args.backbone} {args.height}x{args.width}, batch {args.ids}x{args.instances}, "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} steps after {args.warmup} warm-up")
-    medians = {}
-    for label, preset, overrides in MODELS:
-        times = time_steps(preset, overrides, args)
-        medians[label] = statistics.median(times)
-        print(f"  {label:28s} {medians[label]:7.3f} s/step  (min {min(times):.3f}, max {max(times):.3f})")
+    runners = {label: StepRunner(preset, overrides, args) for label, preset, overrides in MODELS}
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    # Models take turns step by step, so drifts of the machine's speed hit all of them alike.
+    for rep in range(args.warmup + args.repeats):
+        for label, runner in runners.items():
+            t = runner.step()
+            if rep >= args.warmup:
+                times[label].append(t)
+    medians = {label: statistics.median(ts) for label, ts in times.items()}
+    for label, ts in times.items():
+        print(f"  {label:28s} {medians[label]:7.3f} s/step  (min {min(ts):.3f}, max {max(ts):.3f})")
     two = medians["two-branch, no erasing"]
     print(f"  two-branch / base            {two / medians['base']:.2f}")
     for label in ("ES-Net (BESM, P=0.5)", "ES-Net (P=0.5, full I* pass)", "ES-Net (BESM, P=1.0)"):
