@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -201,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        # Expected user errors get one clear line, not a traceback.
+    except (ConfigError, OSError, ValueError, RuntimeError) as err:
+        # Bad input gets one clear line, not a traceback; ESREID_DEBUG=1 shows the traceback.
+        if os.environ.get("ESREID_DEBUG"):
+            raise
         print(f"esreid {args.command}: error: {err}", file=sys.stderr)
+        print("(set ESREID_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -95,7 +95,7 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         else:
             dist = compute_distance(qf, gf, metric=cfg.eval.metric)
             res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
-        metrics = {k: v for k, v in res.to_dict().items()}
+        metrics = res.to_dict()
         result["sizes"] = {"query": len(qf), "gallery": len(gf),
                            "query_ids": int(len(np.unique(q_pids))),
                            "gallery_ids": int(len(np.unique(g_pids)))}
