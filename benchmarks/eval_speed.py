@@ -87,43 +87,39 @@ def traced_peak_mb(fn: Callable[[], object]) -> float:
         tracemalloc.stop()
 
 
-def case_market(repeats: int, dim: int) -> dict:
-    """evaluate_rank on a Market-sized random distance matrix."""
+def _rank_case(name: str, seed: int, nq: int, ng: int, ids: int, cams: int, repeats: int,
+               target: tuple[str, float] | None = None) -> dict:
+    """evaluate_rank on a random nq x ng distance matrix held in memory."""
     from esreid.metrics import evaluate_rank
 
-    rng = np.random.default_rng(0)
-    q_pids, g_pids, q_cams, g_cams = labels(rng, 3368, 15913, 751, 6)
-    dist = rng.random((3368, 15913), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    q_pids, g_pids, q_cams, g_cams = labels(rng, nq, ng, ids, cams)
+    dist = rng.random((nq, ng), dtype=np.float32)
     times, res = timed(lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), repeats)
     extra = traced_peak_mb(lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams))
-    return {
-        "name": "market evaluate_rank (3,368 x 15,913, random)",
+    out = {
+        "name": name,
         "times": times,
         "extra_peak_mb": extra,
         "input_mb": dist.nbytes / MB,
         "rss_mb": peak_rss_mb(),
-        "target": ("time", 2.0),
         "metrics": res.to_dict(),
     }
+    if target is not None:
+        out["target"] = target
+    return out
+
+
+def case_market(repeats: int, dim: int) -> dict:
+    """evaluate_rank on a Market-sized random distance matrix."""
+    return _rank_case("market evaluate_rank (3,368 x 15,913, random)", 0, 3368, 15913, 751, 6,
+                      repeats, target=("time", 2.0))
 
 
 def case_msmt17_rank(repeats: int, dim: int) -> dict:
     """evaluate_rank on an MSMT17-sized random distance matrix held in memory."""
-    from esreid.metrics import evaluate_rank
-
-    rng = np.random.default_rng(1)
-    q_pids, g_pids, q_cams, g_cams = labels(rng, 11659, 82161, 3060, 15)
-    dist = rng.random((11659, 82161), dtype=np.float32)
-    times, res = timed(lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), repeats)
-    extra = traced_peak_mb(lambda: evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams))
-    return {
-        "name": "msmt17 evaluate_rank (11,659 x 82,161, random)",
-        "times": times,
-        "extra_peak_mb": extra,
-        "input_mb": dist.nbytes / MB,
-        "rss_mb": peak_rss_mb(),
-        "metrics": res.to_dict(),
-    }
+    return _rank_case("msmt17 evaluate_rank (11,659 x 82,161, random)", 1, 11659, 82161, 3060, 15,
+                      repeats)
 
 
 def case_msmt17_features(repeats: int, dim: int) -> dict:
