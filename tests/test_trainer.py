@@ -165,3 +165,23 @@ def test_custom_data_through_the_config(tmp_path):
     assert [r.camid for r in data.query] == [0]
     assert sorted(r.camid for r in data.gallery) == [0, 1]  # dave cam1 -> 0, carol cam2 -> 1
     assert data.num_train_pids == 2
+
+
+def test_resumed_and_rerun_runs_do_not_repeat_epochs_in_the_log(tmp_path, synth_root):
+    cfg = _cfg(tmp_path, synth_root, extra=["train.run_name=again", "train.checkpoint_every=1"])
+    Trainer(cfg).fit(evaluate=False)
+    log_path = tmp_path / "again" / "metrics.jsonl"
+    epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
+    assert epochs == [1, 2]
+    # Resume from the epoch-1 state: epoch 2 is trained again and logged once.
+    trainer = Trainer(cfg)
+    first = Trainer(_cfg(tmp_path, synth_root, extra=["train.run_name=one_epoch"]))
+    first.train_epoch()
+    trainer.load_checkpoint(first.save_checkpoint())
+    trainer.fit(evaluate=False)
+    epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
+    assert epochs == [1, 2]
+    # A new run under the same name starts a new log.
+    Trainer(cfg).fit(evaluate=False)
+    epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
+    assert epochs == [1, 2]

@@ -30,6 +30,7 @@ from esreid.models.esnet import ESNet, build_model
 from esreid.saliency import besm_erase
 from esreid.utils import (
     atomic_torch_save,
+    atomic_write_text,
     resolve_device,
     rng_state,
     seed_everything,
@@ -126,6 +127,17 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # --- bookkeeping ------------------------------------------------------------------
+
+    def _trim_metrics_log(self) -> None:
+        """Drop records of epochs after the current one (a restart from scratch drops all),
+        so a re-run or a resumed run does not repeat epochs in ``metrics.jsonl``."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch]
+        if self.epoch == 0:
+            kept = []
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as fh:
@@ -289,6 +301,7 @@ class Trainer:
         ``evaluate`` is False.
         """
         cfg = self.cfg
+        self._trim_metrics_log()
         log.info("run folder %s: %s on %s (%d train images, %d ids), %d epochs x %d iters, device %s",
                  self.run_dir, cfg.name, self.data.name, len(self.data.train), self.num_classes,
                  cfg.optim.epochs, self.iters_per_epoch, self.device)
