@@ -1,0 +1,1 @@
+"""Training and evaluation: the Trainer, feature extraction, protocols and the schedule."""
