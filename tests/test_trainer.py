@@ -185,3 +185,13 @@ def test_resumed_and_rerun_runs_do_not_repeat_epochs_in_the_log(tmp_path, synth_
     Trainer(cfg).fit(evaluate=False)
     epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+def test_presets_command_lists_every_preset(capsys):
+    from esreid.config import list_presets
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    esnet = next(line for line in lines if line.startswith("esnet "))
+    assert "AIB(gap) + ESB(ppool) ID+triplet erase=besm(R=0.2,P=0.5) 384x128 120ep" in esnet

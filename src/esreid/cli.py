@@ -24,11 +24,19 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         cfg = load_config(name)
         m, e = cfg.model, cfg.erase
-        branches = "+".join(b for b, on in (("AIB", m.aib), ("ESB", m.esb)) if on)
-        erase = "" if e.method == "none" else f" erase={e.method}(R={e.ratio},P={e.prob})"
-        print(f"{name:24s} {m.backbone} {branches} esb_pool={m.esb_pool if m.esb else '-'}"
-              f" triplet={cfg.loss.triplet}{erase} {cfg.data.height}x{cfg.data.width}"
-              f" {cfg.optim.epochs}ep")
+        branches = " + ".join(f"{b}({pool})" for b, on, pool in
+                              (("AIB", m.aib, m.aib_pool), ("ESB", m.esb, m.esb_pool)) if on)
+        if e.method == "none":
+            erase = ""
+        elif e.method == "bfd":
+            erase = f" erase=bfd({e.bfd_height}x{e.bfd_width} block)"
+        elif e.method == "random":
+            erase = f" erase=random(P={e.prob})"
+        else:
+            erase = f" erase={e.method}(R={e.ratio},P={e.prob})"
+        losses = "ID+triplet" if cfg.loss.triplet else "ID"
+        print(f"{name:24s} {m.backbone} {branches} {losses}{erase} "
+              f"{cfg.data.height}x{cfg.data.width} {cfg.optim.epochs}ep")
     return 0
 
 
