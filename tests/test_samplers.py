@@ -176,3 +176,27 @@ def test_errors_name_the_numbers() -> None:
         PKSampler([0, 1], num_instances=1, batch_size=2, seed=-1)
     with pytest.raises(ValueError, match="epoch must be >= 0, got -2"):
         PKSampler([0, 1], num_instances=1, batch_size=2).set_epoch(-2)
+
+
+def test_start_skips_whole_batches_and_keeps_positions():
+    pids = [i // 5 for i in range(40)]
+    sampler = PKSampler(pids, num_instances=2, batch_size=4, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    assert sampler.epoch_length() == len(full) == len(sampler)
+    sampler.set_epoch(2, start=8)
+    rest = list(sampler)
+    assert len(sampler) == len(full) - 8 == len(rest)
+    # Same indices and the same (epoch, position) tags as the tail of the full epoch.
+    assert [(int(i), i.epoch, i.position) for i in rest] == [
+        (int(i), i.epoch, i.position) for i in full[8:]]
+    assert sampler.epoch_length() == len(full)
+    sampler.set_epoch(3)
+    assert sampler.start == 0
+
+
+@pytest.mark.parametrize("start", [-4, 3])
+def test_start_must_be_a_multiple_of_the_batch(start):
+    sampler = PKSampler([0, 0, 1, 1], num_instances=2, batch_size=4)
+    with pytest.raises(ValueError, match="start must be a non-negative multiple of batch_size"):
+        sampler.set_epoch(0, start=start)

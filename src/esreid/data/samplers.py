@@ -103,16 +103,32 @@ class PKSampler(Sampler[int]):
             )
         self.seed = seed
         self.epoch = 0
+        self.start = 0
         # Sorted so the result does not depend on the order identities first appear in.
         self._groups = [np.asarray(groups[pid], dtype=np.int64) for pid in sorted(groups)]
         self._cache: tuple[int, list[int]] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch whose order (and augmentation tags) the next iteration and
-        ``len`` will use; ``epoch`` must be >= 0."""
+        ``len`` will use; ``epoch`` must be >= 0.
+
+        ``start`` (a multiple of ``batch_size``) skips that many indices of the epoch's
+        stream, so a run resumed mid-epoch continues with exactly the batches (and, since
+        positions keep their place in the stream, the augmentation) it would have seen.
+        """
         if epoch < 0:
             raise ValueError(f"PKSampler: epoch must be >= 0, got {epoch}")
+        if start < 0 or start % self.batch_size != 0:
+            raise ValueError(
+                f"PKSampler: start must be a non-negative multiple of batch_size "
+                f"({self.batch_size}), got {start}"
+            )
         self.epoch = int(epoch)
+        self.start = int(start)
+
+    def epoch_length(self) -> int:
+        """Number of indices in the whole current epoch (``len`` minus the skipped start)."""
+        return len(self._epoch_indices())
 
     def _epoch_indices(self) -> list[int]:
         """The flat index list of the current epoch (computed once per epoch, then cached)."""
@@ -142,9 +158,10 @@ class PKSampler(Sampler[int]):
     def __iter__(self) -> Iterator[EpochIndex]:
         """Yield the current epoch's indices, batch by batch, each tagged with the epoch and
         its position in the epoch."""
-        epoch = self.epoch
-        return (EpochIndex(index, epoch, pos) for pos, index in enumerate(self._epoch_indices()))
+        epoch, start = self.epoch, self.start
+        indices = self._epoch_indices()
+        return (EpochIndex(indices[pos], epoch, pos) for pos in range(start, len(indices)))
 
     def __len__(self) -> int:
         """Number of indices the next iteration yields (a multiple of ``batch_size``)."""
-        return len(self._epoch_indices())
+        return max(len(self._epoch_indices()) - self.start, 0)
