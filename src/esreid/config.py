@@ -9,6 +9,9 @@ in the dataclasses below: an unknown key is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from esreid.data.datasets import VEHICLEID_TEST_SIZES
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -29,7 +34,8 @@ class DataConfig:
     """Which dataset, how images are sized and how batches are sampled."""
 
     name: str = "market1501"  # market1501 | dukemtmc | msmt17 | veri776 | vehicleid | custom | synthetic
-    root: str = "data"  # folder holding the benchmark (or the benchmark folder itself)
+    # Folder holding the benchmark (or the benchmark folder itself); ~ and $VARS expand.
+    root: str = "data"
     height: int = 384
     width: int = 128
     ids_per_batch: int = 16  # J identities per batch
@@ -41,6 +47,9 @@ class DataConfig:
     cam_pattern: str = ""  # custom folders: regex with one group giving the camera from a file name
     synth_ids: int = 300  # synthetic benchmark: number of identities (generated when missing)
     synth_seed: int = 0
+    # What a training run does with an image file it cannot read or decode: "error" stops the
+    # run naming the file; "skip" leaves the image out and logs it (error | skip).
+    on_bad_image: str = "error"
 
 
 @dataclass
@@ -48,7 +57,7 @@ class ModelConfig:
     """Backbone and branches. ``aib``/``esb`` switch the two branches of ES-Net on and off."""
 
     backbone: str = "resnet50"  # resnet10 (tests) | resnet18 | resnet34 | resnet50 | resnet101
-    pretrained: str = "imagenet"  # imagenet | none | path to a state-dict file
+    pretrained: str = "imagenet"  # imagenet | none | path to a state-dict file (~ and $VARS expand)
     last_stride: int = 1
     split: str = "layer3"  # first stage each branch owns (layer3: share stem+layer1+layer2)
     aib: bool = True  # All Information Branch: clean images
@@ -105,9 +114,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # mixed precision on CUDA
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # ~ and $VARS expand
     run_name: str = ""  # default: the preset name
     checkpoint_every: int = 10  # epochs; the last epoch is always saved
+    # Also save a mid-epoch checkpoint every N training iterations, so that a long epoch
+    # interrupted near its end does not lose the whole epoch; 0: off.
+    checkpoint_every_iters: int = 0
     eval_every: int = 0  # epochs; 0: evaluate once at the end
     diagnose_erasing: bool = True  # log the over-erasing diagnostic (Fig. 3) every epoch
     progress: bool = True  # show a progress bar
@@ -276,15 +288,69 @@ def build_config(raw: dict[str, Any], name: str = "custom") -> Config:
                     f"unknown config key {section}.{key} (valid keys of {section}: {', '.join(fields)})"
                 )
             setattr(target, key, _coerce(value, fields[key], f"{section}.{key}"))
+    _expand_paths(cfg)
     validate(cfg)
     return cfg
 
 
+# Keys holding a file or folder path. model.pretrained is a path unless it names a source.
+_PATH_KEYS = ("data.root", "train.output_dir", "model.pretrained")
+_PRETRAINED_SOURCES = ("imagenet", "none", "")
+_UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def _expand_path(key: str, value: str) -> str:
+    """``value`` with environment variables and ``~`` expanded; ConfigError naming ``key`` if a
+    variable is not set (left alone it would become a literal ``$NAME`` folder)."""
+    expanded = os.path.expandvars(value)
+    unset = _UNSET_VAR.search(expanded)
+    if unset:
+        name = unset.group(1).strip("{}")
+        raise ConfigError(
+            f"config key {key}: environment variable {name} in {value!r} is not set"
+        )
+    return os.path.expanduser(expanded)
+
+
+def _expand_paths(cfg: Config) -> None:
+    """Expand ``~`` and ``$VARS`` in every path-valued key, so the resolved config (and the
+    ``config.yaml`` saved from it) holds the path that is actually used."""
+    for key in _PATH_KEYS:
+        section, name = key.split(".")
+        target = getattr(cfg, section)
+        value = getattr(target, name)
+        if key == "model.pretrained" and value in _PRETRAINED_SOURCES:
+            continue
+        setattr(target, name, _expand_path(key, value))
+
+
 def validate(cfg: Config) -> None:
-    """Check value ranges and choices that types alone cannot; raise ConfigError naming the key."""
+    """Check value ranges and choices that types alone cannot; raise ConfigError naming the key.
+
+    Runs at load time so that a bad value stops the run before any data is read or any
+    model is built, with a message naming the key rather than the function that trips on it.
+    """
     def choice(key: str, value: str, options: tuple[str, ...]) -> None:
         if value not in options:
             raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(options)}")
+
+    def at_least(key: str, value: float, low: float) -> None:
+        # Written as "not >=" so that NaN (YAML .nan) is rejected too.
+        if not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"config key {key}: must be >= {low}, got {value}")
+
+    def positive(key: str, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"config key {key}: must be > 0, got {value}")
+
+    def within(key: str, value: float, low: float, high: float, open_low: bool = False,
+               open_high: bool = False) -> None:
+        ok = (value > low if open_low else value >= low) and (
+            value < high if open_high else value <= high
+        )
+        if not ok:  # also false for NaN
+            interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+            raise ConfigError(f"config key {key}: {value} is outside {interval}")
 
     choice("model.aib_pool", cfg.model.aib_pool, ("gap", "gmp", "ppool"))
     choice("model.esb_pool", cfg.model.esb_pool, ("gap", "gmp", "ppool"))
@@ -292,12 +358,11 @@ def validate(cfg: Config) -> None:
     choice("erase.method", cfg.erase.method, ("none", "besm", "random", "gradcam", "bfd"))
     choice("erase.layer", cfg.erase.layer, ("layer3", "layer4"))
     choice("eval.metric", cfg.eval.metric, ("cosine", "euclidean"))
+    choice("data.on_bad_image", cfg.data.on_bad_image, ("error", "skip"))
     if not (cfg.model.aib or cfg.model.esb):
         raise ConfigError("model.aib and model.esb are both false: at least one branch is needed")
-    if not 0.0 <= cfg.erase.ratio <= 1.0:
-        raise ConfigError(f"config key erase.ratio: {cfg.erase.ratio} is outside [0, 1]")
-    if not 0.0 <= cfg.erase.prob <= 1.0:
-        raise ConfigError(f"config key erase.prob: {cfg.erase.prob} is outside [0, 1]")
+    within("erase.ratio", cfg.erase.ratio, 0.0, 1.0)
+    within("erase.prob", cfg.erase.prob, 0.0, 1.0)
     if cfg.erase.method != "none" and not cfg.model.esb:
         raise ConfigError(
             f"erase.method={cfg.erase.method} erases the ESB's input but model.esb is false"
@@ -308,12 +373,60 @@ def validate(cfg: Config) -> None:
             f"config key erase.layer: {cfg.erase.layer} lies before model.split={cfg.model.split}, "
             "so it is not inside the ESB"
         )
-    if cfg.data.ids_per_batch < 2 or cfg.data.num_instances < 1:
-        raise ConfigError("data.ids_per_batch must be >= 2 and data.num_instances >= 1")
-    if cfg.optim.epochs < 1:
-        raise ConfigError(f"config key optim.epochs: must be >= 1, got {cfg.optim.epochs}")
-    if sorted(cfg.optim.milestones) != cfg.optim.milestones:
-        raise ConfigError(f"config key optim.milestones: must be increasing, got {cfg.optim.milestones}")
+
+    data = cfg.data
+    at_least("data.height", data.height, 1)
+    at_least("data.width", data.width, 1)
+    at_least("data.ids_per_batch", data.ids_per_batch, 2)
+    at_least("data.num_instances", data.num_instances, 1)
+    needs_pairs = [
+        reason
+        for reason, on in (
+            ("the batch-hard triplet loss (loss.triplet is true)", cfg.loss.triplet),
+            ("BESM's easiest positive (erase.method is besm)",
+             cfg.erase.method == "besm" and cfg.model.esb),
+        )
+        if on
+    ]
+    if needs_pairs and data.num_instances < 2:
+        raise ConfigError(
+            f"config key data.num_instances: must be >= 2, got {data.num_instances}: "
+            f"{' and '.join(needs_pairs)} need{'s' if len(needs_pairs) == 1 else ''} a second "
+            "image of the same identity in every batch"
+        )
+    within("data.flip_prob", data.flip_prob, 0.0, 1.0)
+    at_least("data.pad", data.pad, 0)
+    at_least("data.num_workers", data.num_workers, 0)
+    if data.test_size not in VEHICLEID_TEST_SIZES:
+        raise ConfigError(
+            f"config key data.test_size: {data.test_size} is not one of "
+            f"{', '.join(map(str, VEHICLEID_TEST_SIZES))} (the VehicleID test lists)"
+        )
+
+    within("loss.label_smooth", cfg.loss.label_smooth, 0.0, 1.0, open_high=True)
+    at_least("loss.margin", cfg.loss.margin, 0)
+
+    optim = cfg.optim
+    at_least("optim.epochs", optim.epochs, 1)
+    positive("optim.lr", optim.lr)
+    at_least("optim.weight_decay", optim.weight_decay, 0)
+    at_least("optim.warmup_epochs", optim.warmup_epochs, 0)
+    within("optim.gamma", optim.gamma, 0.0, 1.0, open_low=True)
+    for i, milestone in enumerate(optim.milestones):
+        at_least(f"optim.milestones[{i}]", milestone, 0)
+    if sorted(optim.milestones) != optim.milestones:
+        raise ConfigError(f"config key optim.milestones: must be increasing, got {optim.milestones}")
+    at_least("optim.iters_per_epoch", optim.iters_per_epoch, 0)
+
+    at_least("train.checkpoint_every", cfg.train.checkpoint_every, 0)
+    at_least("train.checkpoint_every_iters", cfg.train.checkpoint_every_iters, 0)
+    at_least("train.eval_every", cfg.train.eval_every, 0)
+
+    at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    at_least("eval.k1", cfg.eval.k1, 1)
+    at_least("eval.k2", cfg.eval.k2, 1)
+    within("eval.lambda_value", cfg.eval.lambda_value, 0.0, 1.0)
+    at_least("eval.num_draws", cfg.eval.num_draws, 1)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
