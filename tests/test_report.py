@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from esreid.metrics import build_report, load_results, write_results
+from esreid.utils import DiskFullError
 
 
 def market_run(name, config, rank1, mAP, rank5=0.97, mINP=0.5, dataset="market1501", **extra):
@@ -181,3 +185,28 @@ def test_schema_errors(tmp_path):
         write_results(tmp_path / "w.json", res)
     with pytest.raises(ValueError, match="at least one results file"):
         build_report([])
+
+
+def test_write_results_uses_the_shared_atomic_write(tmp_path, monkeypatch):
+    # The results file gets the umask's mode like any other file of a run (not mkstemp's 0600).
+    previous = os.umask(0o022)
+    try:
+        write_results(tmp_path, market_run("r1", "esnet", 0.9, 0.8))
+    finally:
+        os.umask(previous)
+    target = tmp_path / "results.json"
+    assert target.stat().st_mode & 0o777 == 0o644
+
+    # A full disk is reported in one line and leaves the previous results in place.
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(DiskFullError) as err:
+        write_results(tmp_path, market_run("r2", "esnet", 0.95, 0.85))
+    assert str(err.value) == (
+        f"no space left on device while writing {target}; the previous {target} is intact"
+    )
+    monkeypatch.undo()
+    assert load_results(tmp_path)["run"] == "r1"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

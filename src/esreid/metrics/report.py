@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from esreid.utils import atomic_write_text
 
 RESULTS_NAME = "results.json"
 PROTOCOLS = ("market", "vehicleid")
@@ -206,9 +207,10 @@ def _results_file(path: str | os.PathLike) -> Path:
 
 def write_results(path: str | os.PathLike, results: dict) -> None:
     """Validate ``results`` and write it as JSON to ``path`` (a file, or a run directory that
-    gets ``results.json``), atomically: a temporary file in the same folder, then os.replace.
+    gets ``results.json``), atomically with :func:`esreid.utils.atomic_write_text`.
 
-    Numpy scalars and arrays are converted; raises ValueError naming the path on bad content.
+    Numpy scalars and arrays are converted; raises ValueError naming the path on bad content
+    and :class:`esreid.utils.DiskFullError` when the disk is full.
     """
     target = _results_file(path)
     check_results(results, str(target))
@@ -216,18 +218,7 @@ def write_results(path: str | os.PathLike, results: dict) -> None:
         text = json.dumps(results, indent=2, allow_nan=False, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{target}: results cannot be written as JSON ({exc})") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(target, text + "\n")
 
 
 def load_results(path: str | os.PathLike) -> dict:
