@@ -13,7 +13,8 @@ from esreid.config import load_config
 from esreid.data import load_dataset
 from esreid.data.synthetic import generate_synthetic
 from esreid.engine.evaluate import camera_filter_labels
-from esreid.engine.trainer import CheckpointError, Trainer, model_from_checkpoint
+from esreid.engine.checkpoint import CheckpointError, model_from_checkpoint
+from esreid.engine.trainer import Trainer
 
 TINY = [
     "model.backbone=resnet10", "model.pretrained=none", "data.name=synthetic",
@@ -109,13 +110,9 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path, synth_root):
     ckpt = trainer.save_checkpoint()
     base_cfg = _cfg(tmp_path, synth_root, preset="base")
     with pytest.raises(CheckpointError, match="does not fit the configured model"):
-        model_from_checkpoint(base_cfg, ckpt)
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"nope")
-    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {junk}"):
-        model_from_checkpoint(cfg, junk)
+        model_from_checkpoint(ckpt, base_cfg)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        model_from_checkpoint(cfg, tmp_path / "missing.pt")
+        model_from_checkpoint(tmp_path / "missing.pt", cfg)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
@@ -156,7 +153,7 @@ def test_sweep_trains_one_run_per_value(tmp_path, synth_root, capsys):
 def test_custom_data_through_the_config(tmp_path):
     from fixture_trees import write_custom_folders
 
-    from esreid.engine.trainer import load_data
+    from esreid.engine.data import load_data
 
     root = write_custom_folders(tmp_path, split_layout=True)
     cfg = load_config("esnet", ["data.name=custom", f"data.root={root}",
@@ -173,16 +170,14 @@ def test_resumed_and_rerun_runs_do_not_repeat_epochs_in_the_log(tmp_path, synth_
     log_path = tmp_path / "again" / "metrics.jsonl"
     epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
     assert epochs == [1, 2]
-    # Resume from the epoch-1 state: epoch 2 is trained again and logged once.
-    trainer = Trainer(cfg)
-    first = Trainer(_cfg(tmp_path, synth_root, extra=["train.run_name=one_epoch"]))
-    first.train_epoch()
-    trainer.load_checkpoint(first.save_checkpoint())
+    # Resume from the epoch-1 state (prev.pt): epoch 2 is trained again and logged once.
+    trainer = Trainer(cfg, resume=tmp_path / "again" / "checkpoints" / "prev.pt")
+    assert trainer.epoch == 1
     trainer.fit(evaluate=False)
     epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
     assert epochs == [1, 2]
-    # A new run under the same name starts a new log.
-    Trainer(cfg).fit(evaluate=False)
+    # A new run under the same name (overwrite) starts a new log.
+    Trainer(cfg, overwrite=True).fit(evaluate=False)
     epochs = [json.loads(x)["epoch"] for x in log_path.read_text().splitlines()]
     assert epochs == [1, 2]
 

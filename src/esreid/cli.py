@@ -10,9 +10,10 @@ from pathlib import Path
 from esreid import __version__
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="a preset name (see `esreid presets`) or a path to a YAML file")
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True,
+                     config_help: str = "") -> None:
+    p.add_argument("--config", required=required,
+                   help=config_help or "a preset name (see `esreid presets`) or a path to a YAML file")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                    metavar="KEY=VALUE",
                    help="override config keys, e.g. --set data.root=~/datasets optim.epochs=60")
@@ -40,41 +41,108 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from esreid.config import load_config
-    from esreid.engine.evaluate import format_metrics
-    from esreid.engine.trainer import Trainer
+def _resume_folder(args: argparse.Namespace):
+    """The run folder ``--resume`` names: ``auto`` (the config's run folder), a run folder,
+    or a checkpoint inside a run folder's ``checkpoints/``."""
+    from esreid.config import ConfigError, load_config
+    from esreid.engine.checkpoint import RunFolder
 
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
+    if args.resume == "auto":
+        if not args.config:
+            raise ConfigError("--resume auto finds the run folder from --config (and "
+                              "train.output_dir / train.run_name): pass --config, or pass the "
+                              "run folder itself: --resume runs/NAME")
+        cfg = load_config(args.config, args.overrides)
+        folder = RunFolder(Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.name))
+        if not folder.contents():
+            raise ConfigError(f"nothing to resume: {folder.path} holds no run (start it "
+                              "without --resume)")
+        return folder, "auto"
+    target = Path(os.path.expandvars(args.resume)).expanduser()
+    if target.is_dir():
+        folder = RunFolder(target)
+        if not folder.contents():
+            raise ConfigError(f"nothing to resume: {target} holds no run")
+        return folder, "auto"
+    if not target.exists():
+        raise ConfigError(f"--resume {args.resume}: no such run folder or checkpoint")
+    folder = RunFolder.of_checkpoint(target)
+    if folder is None:
+        raise ConfigError(f"--resume {target}: the checkpoint is not inside a run folder "
+                          "(<run>/checkpoints/); pass the run folder, or start a new run")
+    return folder, target
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from esreid.config import ConfigError, load_config
+    from esreid.engine.checkpoint import config_from_checkpoint, find_resume_checkpoint
+    from esreid.engine.evaluate import format_metrics
+    from esreid.engine.trainer import Trainer, TrainingInterrupted
+
     if args.resume:
-        path = trainer.run_dir / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
-        trainer.load_checkpoint(path)
-    result = trainer.fit(evaluate=not args.no_eval)
+        if args.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pick one")
+        folder, checkpoint = _resume_folder(args)
+        # The run's own config, changed only where --set says so.
+        if folder.config.is_file():
+            cfg = load_config(folder.config, args.overrides)
+        else:
+            path, ckpt = find_resume_checkpoint(folder)
+            cfg = config_from_checkpoint(ckpt, path, args.overrides)
+        # The folder's location wins over the one saved in it (a moved or copied run).
+        cfg.train.output_dir, cfg.train.run_name = str(folder.path.parent), folder.path.name
+        trainer = Trainer(cfg, run_dir=folder.path, resume=checkpoint, force=args.force)
+    else:
+        if not args.config:
+            raise ConfigError("pass --config (a preset or a YAML file), or --resume")
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, overwrite=args.overwrite)
+    try:
+        result = trainer.fit(evaluate=not args.no_eval)
+    except TrainingInterrupted as stop:
+        print(f"esreid train: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
     if result is not None:
         print(f"{cfg.name}: {format_metrics(result['metrics'])}")
-        print(f"results: {trainer.run_dir / 'results.json'}")
+        print(f"results: {trainer.folder.results}")
     return 0
+
+
+def _checkpoint_and_config(args: argparse.Namespace):
+    """The checkpoint named by ``--checkpoint``, read, and the config to use with it: the
+    checkpoint's own, or ``--config``; ``--set`` applies to either."""
+    from esreid.config import load_config
+    from esreid.engine.checkpoint import config_from_checkpoint, read_checkpoint
+
+    path = Path(os.path.expandvars(args.checkpoint)).expanduser()
+    ckpt = read_checkpoint(path)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = config_from_checkpoint(ckpt, path, args.overrides)
+    return path, ckpt, cfg
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from esreid.config import load_config
+    from esreid.engine.checkpoint import evaluation_results_path, model_from_checkpoint
+    from esreid.engine.data import check_data, load_data
     from esreid.engine.evaluate import evaluate_model, format_metrics
-    from esreid.engine.trainer import load_data, model_from_checkpoint
     from esreid.metrics import write_results
     from esreid.utils import resolve_device
 
-    cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg.train.device)
-    model = model_from_checkpoint(cfg, Path(args.checkpoint)).to(device)
+    path, ckpt, cfg = _checkpoint_and_config(args)
     data = load_data(cfg)
+    check_data(data, cfg, training=False)
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(path, cfg, ckpt=ckpt).to(device)
     with torch.no_grad():
         result = evaluate_model(model, data, cfg, device)
-    result["checkpoint"] = str(args.checkpoint)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / (
-        "results_rerank.json" if cfg.eval.rerank else "results.json")
+    result["checkpoint"] = str(path)
+    result["epoch"] = int(ckpt.get("epoch", 0))
+    out = (Path(os.path.expandvars(args.out)).expanduser() if args.out
+           else evaluation_results_path(path, data.name, cfg.eval.rerank))
     write_results(out, result)
     print(f"{cfg.name} on {data.name}: {format_metrics(result['metrics'])}")
     print(f"results: {out}")
@@ -82,16 +150,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from esreid.config import load_config
-    from esreid.engine.trainer import Trainer
+    from esreid.config import ConfigError, load_config
+    from esreid.engine.checkpoint import RunFolder
+    from esreid.engine.data import check_data, load_data
+    from esreid.engine.trainer import Trainer, TrainingInterrupted
     from esreid.metrics import build_report
 
-    paths = []
+    # Every value is checked, and every run folder is free, before the first run trains.
+    cfgs = []
     for value in args.values:
-        cfg = load_config(args.config, args.overrides + [f"{args.param}={value}"])
+        try:
+            cfg = load_config(args.config, args.overrides + [f"{args.param}={value}"])
+        except ConfigError as err:
+            raise ConfigError(f"--values {value}: {err}") from err
         cfg.train.run_name = f"{cfg.train.run_name or cfg.name}_{args.param.split('.')[-1]}{value}"
-        trainer = Trainer(cfg)
-        trainer.fit()
+        folder = RunFolder(Path(cfg.train.output_dir) / cfg.train.run_name)
+        if folder.contents() and not args.overwrite:
+            raise ConfigError(f"run folder {folder.path} already holds a run: pass --overwrite "
+                              "to replace the sweep's runs, or --set train.run_name=NEW")
+        cfgs.append(cfg)
+    data = load_data(cfgs[0])
+    for cfg in cfgs:
+        check_data(data, cfg)
+    paths = []
+    for cfg in cfgs:
+        trainer = Trainer(cfg, data=data if cfg.data == cfgs[0].data else None,
+                          overwrite=args.overwrite)
+        try:
+            trainer.fit()
+        except TrainingInterrupted as stop:
+            print(f"esreid sweep: {stop}", file=sys.stderr, flush=True)
+            return stop.exit_code
         paths.append(trainer.run_dir)
     print(build_report(paths, with_paper=False))
     return 0
@@ -130,11 +219,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from esreid.engine.checkpoint import explanations_dir
     from esreid.explain import explain_queries
 
-    for path in explain_queries(args.config, args.overrides, Path(args.checkpoint),
-                                num_queries=args.queries, top_k=args.top_k, out_dir=Path(args.out)):
-        print(path)
+    path, ckpt, cfg = _checkpoint_and_config(args)
+    out = Path(os.path.expandvars(args.out)).expanduser() if args.out else explanations_dir(path)
+    for written in explain_queries(cfg, path, ckpt=ckpt, num_queries=args.queries,
+                                   top_k=args.top_k, out_dir=out):
+        print(written)
     return 0
 
 
@@ -149,22 +241,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a preset or YAML config")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="CHECKPOINT|auto",
-                   help="continue from a checkpoint (auto: the run folder's last.pt)")
+    _add_config_args(p, required=False, config_help=(
+        "a preset name (see `esreid presets`) or a path to a YAML file; with --resume auto it "
+        "only locates the run folder (the run's own config.yaml is resumed)"))
+    p.add_argument("--resume", metavar="auto|RUN_DIR|CHECKPOINT",
+                   help="continue a run from its config.yaml and newest checkpoint (last.pt, or "
+                        "prev.pt if last.pt is damaged); --set then changes only what it names")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear an existing run folder of the same name and start again")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: allow --set to change the experiment (model, data, "
+                        "erasing, loss, schedule); the change is recorded in metrics.jsonl")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the config's dataset")
-    _add_config_args(p)
+    _add_config_args(p, required=False, config_help="a preset or YAML file (default: the config "
+                     "stored in the checkpoint)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by `esreid train`")
-    p.add_argument("--out", help="results JSON to write (default: the run folder's results.json)")
+    p.add_argument("--out", help="results JSON to write (default: results_<dataset>[_rerank].json "
+                                 "in the checkpoint's run folder, or beside the checkpoint)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sweep", help="train one run per value of a config key (e.g. Fig. 4's R)")
     _add_config_args(p)
     p.add_argument("--param", required=True, help="the key to sweep, e.g. erase.ratio")
     p.add_argument("--values", required=True, nargs="+", help="values, e.g. 0 0.1 0.2 0.3 0.4")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing run folders of the sweep")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("synth", help="write the embedded synthetic benchmark (Market-1501 layout)")
@@ -192,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("explain", help="CG-RAM heat maps of queries and their top gallery matches")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
+    _add_config_args(p, required=False, config_help="a preset or YAML file (default: the config "
+                     "stored in the checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `esreid train`")
     p.add_argument("--queries", type=int, default=4, help="number of queries (default 4)")
     p.add_argument("--top-k", type=int, default=1, help="gallery matches per query (default 1)")
-    p.add_argument("--out", default="explanations", help="output folder")
+    p.add_argument("--out", help="output folder (default: explanations/ in the checkpoint's run "
+                                 "folder, or beside the checkpoint)")
     p.set_defaults(func=_cmd_explain)
 
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
@@ -210,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, OSError, ValueError, RuntimeError) as err:
+    except KeyboardInterrupt:
+        print(f"esreid {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as err:
         # Bad input gets one clear line, not a traceback; ESREID_DEBUG=1 shows the traceback.
         if os.environ.get("ESREID_DEBUG"):
             raise

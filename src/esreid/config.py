@@ -116,7 +116,9 @@ class TrainConfig:
     amp: bool = False  # mixed precision on CUDA
     output_dir: str = "runs"  # ~ and $VARS expand
     run_name: str = ""  # default: the preset name
-    checkpoint_every: int = 10  # epochs; the last epoch is always saved
+    # Epochs between checkpoints (last.pt; the one before becomes prev.pt); the last epoch is
+    # always saved, and SIGTERM / Ctrl-C save the current step. 0: only those.
+    checkpoint_every: int = 1
     # Also save a mid-epoch checkpoint every N training iterations, so that a long epoch
     # interrupted near its end does not lose the whole epoch; 0: off.
     checkpoint_every_iters: int = 0
@@ -458,3 +460,36 @@ def save_config(cfg: Config, path: Path) -> None:
     from esreid.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# Keys a resumed run may change freely: where things are and how the run is kept or watched,
+# not what is trained. Any other difference (model, data, erase, loss, optimiser schedule,
+# seed) changes the experiment, and resuming with it needs --force.
+RESUME_FREE_KEYS = frozenset({
+    "name", "data.root", "data.num_workers", "data.on_bad_image", "optim.epochs",
+    "train.device", "train.output_dir", "train.run_name", "train.checkpoint_every",
+    "train.checkpoint_every_iters", "train.eval_every", "train.diagnose_erasing",
+    "train.progress",
+})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two configs: ``{"section.key": (old, new)}``."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def experiment_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:
+    """The keys of a :func:`diff_configs` result that change the experiment itself (all but
+    :data:`RESUME_FREE_KEYS` and the ``eval`` section, which only changes how it is scored)."""
+    return [k for k in changes if k not in RESUME_FREE_KEYS and not k.startswith("eval.")]

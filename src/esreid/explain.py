@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from esreid.config import Config, load_config
+from esreid.config import Config
+from esreid.data.loader import read_rgb
 from esreid.data.records import Record
 from esreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 from esreid.models.esnet import ESNet
 from esreid.saliency import cg_ram, denormalize, save_pair_figure, upsample_saliency
+
+log = logging.getLogger("esreid.explain")
 
 
 def explanation_layer(model: ESNet) -> torch.nn.Module:
@@ -24,7 +27,7 @@ def explanation_layer(model: ESNet) -> torch.nn.Module:
 
 def _load_images(records: Sequence[Record], cfg: Config) -> torch.Tensor:
     tf = build_transforms(cfg.data.height, cfg.data.width, is_train=False)
-    return torch.stack([tf(Image.open(r.path).convert("RGB")) for r in records])
+    return torch.stack([tf(read_rgb(r.path)) for r in records])
 
 
 def explain_pairs(
@@ -68,6 +71,13 @@ def explain_pairs(
                 g = gallery[gj]
                 g_img = _load_images([g], cfg).to(device)
                 q_map, g_map = cg_ram(model, layer, q_img, g_img, return_gallery=True)
+                flat = [name for name, m in (("query", q_map), ("gallery", g_map))
+                        if not bool((m > 0).any())]
+                if flat:
+                    # ReLU(sum phi*A) can vanish for a whole image (e.g. an untrained model);
+                    # the overlay then shows nothing, which the user should hear about.
+                    log.warning("CG-RAM of %s is zero everywhere for the pair %s / %s: its "
+                                "overlay shows no salient region", " and ".join(flat), q.path, g.path)
                 size = q_img.shape[-2:]
                 q_map = upsample_saliency(q_map, size)[0]
                 g_map = upsample_saliency(g_map, size)[0]
@@ -91,26 +101,21 @@ def pick_queries(queries: Sequence[Record], n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, len(queries) - 1, num=min(n, len(queries)))})
 
 
-def explain_queries(preset: str, overrides: list[str], checkpoint: Path, num_queries: int = 4,
+def explain_queries(cfg: Config, checkpoint: Path, ckpt: dict | None = None, num_queries: int = 4,
                     top_k: int = 1, out_dir: Path = Path("explanations")) -> list[Path]:
-    """CLI helper: load a trained model, rank the gallery for a few queries, save heat maps."""
-    from esreid.data.loader import build_test_loader
-    from esreid.engine.features import extract_features
-    from esreid.engine.trainer import load_data, model_from_checkpoint
+    """Load a trained model, rank the gallery of ``cfg``'s dataset for a few queries and save
+    CG-RAM figures of each query and its ``top_k`` matches into ``out_dir``."""
+    from esreid.engine.checkpoint import model_from_checkpoint
+    from esreid.engine.data import load_data
+    from esreid.engine.evaluate import embed_records
     from esreid.utils import resolve_device
 
-    cfg = load_config(preset, overrides)
     device = resolve_device(cfg.train.device)
-    model = model_from_checkpoint(cfg, checkpoint).to(device)
+    model = model_from_checkpoint(checkpoint, cfg, ckpt=ckpt).to(device)
     data = load_data(cfg)
     idx = pick_queries(data.query, num_queries)
     queries = [data.query[i] for i in idx]
-
-    def embed(records):
-        loader = build_test_loader(records, cfg.data.height, cfg.data.width,
-                                   batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
-        return extract_features(model, loader, device, flip=cfg.eval.flip,
-                                progress=cfg.train.progress)[0]
-
-    return explain_pairs(model, cfg, queries, data.gallery, embed(data.gallery), embed(queries),
+    gallery_features = embed_records(model, data.gallery, cfg, device, "gallery")[0]
+    query_features = embed_records(model, queries, cfg, device, "query")[0]
+    return explain_pairs(model, cfg, queries, data.gallery, gallery_features, query_features,
                          out_dir, top_k=top_k)

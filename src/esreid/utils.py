@@ -225,6 +225,12 @@ def setup_run_logging(run_dir: Path, name: str = "esreid") -> logging.Logger:
     logger.setLevel(logging.INFO)
     log_file = str(Path(run_dir) / "log.txt")
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S")
+    for handler in list(logger.handlers):
+        # One run folder at a time: a second run in the same process must not keep writing
+        # into the first run's log.txt.
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename != os.path.abspath(log_file):
+            logger.removeHandler(handler)
+            handler.close()
     if not any(getattr(h, "baseFilename", None) == os.path.abspath(log_file) for h in logger.handlers):
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from esreid.config import Config
-from esreid.data.loader import build_test_loader
+from esreid.data.loader import BadImageLog, build_test_loader
 from esreid.data.records import ReIDData
 from esreid.engine.features import extract_features
 from esreid.metrics import (
@@ -25,11 +25,18 @@ from esreid.metrics import (
 log = logging.getLogger("esreid.eval")
 
 
-def _embed(model: nn.Module, records, cfg: Config, device: torch.device, desc: str):
+def embed_records(model: nn.Module, records, cfg: Config, device: torch.device | str,
+                  desc: str = "features", bad_images: BadImageLog | None = None):
+    """Evaluation descriptors of ``records`` as the config says (size, flip, batch size).
+
+    Returns ``(features [N, D], pids [N], camids [N])``; with ``data.on_bad_image=skip``
+    unreadable images are left out (and added to ``bad_images``).
+    """
     loader = build_test_loader(records, cfg.data.height, cfg.data.width,
-                               batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+                               batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                               on_bad_image=cfg.data.on_bad_image)
     return extract_features(model, loader, device, flip=cfg.eval.flip,
-                            progress=cfg.train.progress, desc=desc)
+                            progress=cfg.train.progress, desc=desc, bad_images=bad_images)
 
 
 def camera_filter_labels(q_cams: np.ndarray, g_cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +75,10 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         "metric": cfg.eval.metric,
         "flip": bool(cfg.eval.flip),
     }
+    bad = BadImageLog()
     if data.protocol == "vehicleid":
         test = data.extra.get("test") or (list(data.query) + list(data.gallery))
-        feats, pids, _ = _embed(model, test, cfg, device, "test")
+        feats, pids, _ = embed_records(model, test, cfg, device, "test", bad)
         res = evaluate_vehicleid(feats.numpy(), pids, num_draws=cfg.eval.num_draws,
                                  seed=cfg.train.seed, metric=cfg.eval.metric)
         metrics = {k: float(res[k]) for k in
@@ -79,8 +87,8 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         result["sizes"] = {"test": len(test), "identities": int(len(np.unique(pids))),
                            "draws": cfg.eval.num_draws}
     else:
-        qf, q_pids, q_cams = _embed(model, data.query, cfg, device, "query")
-        gf, g_pids, g_cams = _embed(model, data.gallery, cfg, device, "gallery")
+        qf, q_pids, q_cams = embed_records(model, data.query, cfg, device, "query", bad)
+        gf, g_pids, g_cams = embed_records(model, data.gallery, cfg, device, "gallery", bad)
         if features_out is not None:
             features_out.update(query=qf, gallery=gf)
         q_cams, g_cams = camera_filter_labels(q_cams, g_cams)
@@ -100,6 +108,8 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
                            "query_ids": int(len(np.unique(q_pids))),
                            "gallery_ids": int(len(np.unique(g_pids)))}
     result["metrics"] = metrics
+    if cfg.data.on_bad_image == "skip":
+        result["skipped_images"] = {"test": bad.count, "test_paths": list(bad.paths)}
     result["seconds"] = round(time.time() - start, 2)
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
@@ -9,6 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from esreid.data.loader import BadImageLog
+
+log = logging.getLogger("esreid.features")
 
 
 @torch.no_grad()
@@ -19,20 +24,29 @@ def extract_features(
     flip: bool = True,
     progress: bool = False,
     desc: str = "features",
+    bad_images: BadImageLog | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Embed every image of ``loader`` (batches of ``(images, pids, camids, ...)``).
 
     Returns ``(features [N, D] float32 on CPU, pids [N], camids [N])``. With ``flip`` the
     descriptor is the mean of the image's and its mirror's (the paper's test-time flip).
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. Batches of esreid's loaders carry
+    the paths of images they skipped as a fifth element; they are logged once each and
+    added to ``bad_images`` when given.
     """
     was_training = model.training
     model.eval()
     feats, pids, camids = [], [], []
+    skipped = bad_images if bad_images is not None else BadImageLog()
     start, seen = time.time(), 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch")
     try:
         for batch in bar:
+            if len(batch) > 4:
+                for path in skipped.update(batch[4]):
+                    log.warning("skipped unreadable image %s (data.on_bad_image=skip)", path)
+            if len(batch[0]) == 0:
+                continue
             images = batch[0].to(device, non_blocking=True)
             f = model(images)
             if flip:

@@ -1,27 +1,40 @@
 """The training loop: data, model, Eq. 1 loss, Adam with warm-up + step decay, checkpoints.
 
-A run folder (``train.output_dir/run_name``) holds ``config.yaml`` (the resolved config),
-``metrics.jsonl`` (one JSON object per epoch / evaluation), ``log.txt``, ``checkpoints/``
-and, after the final evaluation, ``results.json``.
+The run folder's layout and the checkpoint files belong to :mod:`esreid.engine.checkpoint`.
+A run never silently reuses a folder that holds another run: it refuses, resumes it, or
+(``overwrite=True``) clears it first, and it validates the config and the data before
+writing anything. SIGTERM and SIGINT finish the current step, save a checkpoint and raise
+:class:`TrainingInterrupted`; checkpoints hold the position inside the epoch, so a resumed
+run continues bit for bit where the interrupted one stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from esreid import __version__
-from esreid.config import Config, save_config
-from esreid.data import load_dataset
-from esreid.data.loader import build_train_loader
+from esreid.config import Config, ConfigError, diff_configs, experiment_changes, save_config
+from esreid.data.loader import BadImageLog, build_train_loader
 from esreid.data.records import ReIDData
+from esreid.engine.checkpoint import (
+    CheckpointError,
+    RunFolder,
+    find_resume_checkpoint,
+    load_model_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from esreid.engine.data import check_data, load_data
 from esreid.engine.evaluate import evaluate_model, format_metrics
 from esreid.engine.objective import branch_loss, total_loss
 from esreid.engine.schedule import lr_factor
@@ -29,8 +42,7 @@ from esreid.metrics import write_results
 from esreid.models.esnet import ESNet, build_model
 from esreid.saliency import besm_erase
 from esreid.utils import (
-    atomic_torch_save,
-    atomic_write_text,
+    clean_stale_temp,
     resolve_device,
     rng_state,
     seed_everything,
@@ -38,32 +50,26 @@ from esreid.utils import (
     setup_run_logging,
 )
 
+__all__ = ["CheckpointError", "EpochStats", "RunExistsError", "Trainer", "TrainingInterrupted",
+           "load_data"]
+
 log = logging.getLogger("esreid.train")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or does not fit the model."""
+class RunExistsError(RuntimeError):
+    """The run folder already holds a run and neither resuming nor overwriting was asked."""
 
 
-def load_data(cfg: Config) -> ReIDData:
-    """Load ``cfg.data.name`` from ``cfg.data.root`` and return its splits.
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT stopped training after a checkpoint was saved.
 
-    The synthetic benchmark is generated first when ``data.root`` holds none.
+    ``exit_code`` is 128 + the signal number, as a shell reports a signalled program.
     """
-    name, root = cfg.data.name, Path(cfg.data.root).expanduser()
-    if name == "synthetic":
-        from esreid.data.synthetic import MANIFEST_NAME, ensure_synthetic
 
-        # An existing generated benchmark is used as it is (whatever its size); only a
-        # missing one is generated from data.synth_ids / data.synth_seed.
-        if not (root / MANIFEST_NAME).is_file():
-            root = ensure_synthetic(root, num_ids=cfg.data.synth_ids, seed=cfg.data.synth_seed)
-    options: dict[str, Any] = {}
-    if name == "vehicleid":
-        options["test_size"] = cfg.data.test_size
-    if name == "custom" and cfg.data.cam_pattern:
-        options["cam_pattern"] = cfg.data.cam_pattern
-    return load_dataset(name, root, **options)
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 @dataclass
@@ -79,44 +85,85 @@ class EpochStats:
     step_losses: list[float]
 
 
+@dataclass
+class _EpochProgress:
+    """What the current epoch has accumulated so far; checkpointed with a mid-epoch state so
+    the resumed epoch's record equals the uninterrupted one's."""
+
+    losses: list[float] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    seconds: float = 0.0
+
+
+
 class Trainer:
     """Holds the state of a run and trains it epoch by epoch.
 
-    ``Trainer(cfg)`` builds everything; :meth:`fit` trains to ``cfg.optim.epochs`` (resuming
-    from a checkpoint when :meth:`load_checkpoint` was called) and evaluates at the end.
+    ``Trainer(cfg)`` checks the config's data, then prepares a new run folder; it refuses a
+    folder that already holds a run (:class:`RunExistsError`) unless ``overwrite`` (the
+    folder is cleared first) or ``resume`` is given: a checkpoint path of that run, or
+    ``"auto"`` for its ``last.pt`` (``prev.pt`` when ``last.pt`` is damaged). On
+    resume, keys of ``cfg`` that differ from the run's ``config.yaml`` and change the
+    experiment need ``force``; every difference is recorded in ``metrics.jsonl``.
+    :meth:`fit` trains to ``cfg.optim.epochs`` and evaluates at the end.
     """
 
-    def __init__(self, cfg: Config, data: ReIDData | None = None, run_dir: Path | None = None) -> None:
+    def __init__(self, cfg: Config, data: ReIDData | None = None, run_dir: Path | None = None,
+                 *, resume: Path | str | None = None, overwrite: bool = False,
+                 force: bool = False) -> None:
         self.cfg = cfg
+        self.folder = RunFolder(Path(run_dir) if run_dir else
+                                Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.name))
+        self.run_dir = self.folder.path
+        self.metrics_path = self.folder.metrics
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
-        self.run_dir = Path(run_dir) if run_dir else Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.name)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_run_logging(self.run_dir)
-        save_config(cfg, self.run_dir / "config.yaml")
 
+        # Everything that can be refused is checked before the first write.
         self.data = data if data is not None else load_data(cfg)
-        if not self.data.train:
-            raise ValueError(f"dataset {self.data.name}: the training split is empty")
+        check_data(self.data, cfg)
+        resume_state = None
+        if resume is not None:
+            # A resumed folder is already a run: its log may record how the checkpoint was
+            # chosen (e.g. the fall-back to prev.pt).
+            setup_run_logging(self.run_dir)
+        if resume == "auto":
+            resume, resume_state = find_resume_checkpoint(self.folder)
+        elif resume is not None:
+            resume_state = read_checkpoint(resume)
+        changes: dict[str, tuple[Any, Any]] = {}
+        if resume is None:
+            existing = self.folder.contents()
+            if existing and not overwrite:
+                raise RunExistsError(
+                    f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); "
+                    "continue it with --resume auto, start another with --set "
+                    "train.run_name=NEW, or replace it with --overwrite")
+        else:
+            changes = self._config_changes(resume_state, Path(resume), force)
+
         self.num_classes = self.data.num_train_pids
         d = cfg.data
+        self.batch_size = d.ids_per_batch * d.num_instances
         self.loader = build_train_loader(
-            self.data.train, d.height, d.width, batch_size=d.ids_per_batch * d.num_instances,
+            self.data.train, d.height, d.width, batch_size=self.batch_size,
             num_instances=d.num_instances, num_workers=d.num_workers, seed=cfg.train.seed,
-            flip_prob=d.flip_prob, pad=d.pad,
+            flip_prob=d.flip_prob, pad=d.pad, on_bad_image=d.on_bad_image,
         )
         self.iters_per_epoch = self._epoch_length(0)
         if self.iters_per_epoch < 1:
-            raise ValueError("the training split is too small for one batch "
-                             f"of {d.ids_per_batch} ids x {d.num_instances} images")
+            raise ConfigError("the training split is too small for one batch "
+                              f"of {d.ids_per_batch} ids x {d.num_instances} images")
 
         self.model: ESNet = build_model(cfg.model, self.num_classes, cfg.erase).to(self.device)
         # P-pooling's exponent is excluded from weight decay, which would pull it towards
         # an arbitrary value of its parametrisation rather than towards "no pooling change".
         decay, no_decay = [], []
+        no_decay_names = self.model.no_weight_decay()
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if name.endswith("raw_l") else decay).append(p)
+                (no_decay if name in no_decay_names else decay).append(p)
         self.optimizer = torch.optim.Adam(
             [{"params": decay, "weight_decay": cfg.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
@@ -124,19 +171,74 @@ class Trainer:
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.epoch = 0  # completed epochs
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.iteration = 0  # steps done in the current epoch
+        self.progress = _EpochProgress()
+        self.bad_images = BadImageLog()
+        self._saved_at: tuple[int, int] | None = None
+        self._stop_signal: int | None = None
+        self._in_steps = False
+
+        # From here on the run folder is written.
+        if overwrite and resume is None:
+            self.folder.clear()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run_dir, self.folder.checkpoints):
+            for stale in clean_stale_temp(folder):
+                print(f"removed {stale}, left by an interrupted write", flush=True)
+        setup_run_logging(self.run_dir)
+        if resume_state is None or changes or not self.folder.config.is_file():
+            save_config(cfg, self.folder.config)
+        if resume_state is not None:
+            if Path(resume) == self.folder.prev and self.folder.last.exists():
+                # Keep the damaged file for inspection, but out of the prev.pt rotation.
+                os.replace(self.folder.last, self.folder.checkpoints / "last.pt.damaged")
+            self._restore(resume_state, Path(resume))
+            self._trim_metrics_log()
+            if changes:
+                self._log_metrics({"type": "config_change", "epoch": self.epoch,
+                                   "iteration": self.iteration, "forced": force,
+                                   "changes": {k: list(v) for k, v in changes.items()}})
+                log.info("config changed on resume: %s", ", ".join(
+                    f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        elif self.metrics_path.is_file():
+            self.metrics_path.unlink()  # a folder that was not a run may still hold a stray log
 
     # --- bookkeeping ------------------------------------------------------------------
 
+    def _config_changes(self, ckpt: dict[str, Any], path: Path, force: bool) -> dict[str, tuple[Any, Any]]:
+        """Differences between ``self.cfg`` and the config the checkpoint's run trained with;
+        raises ConfigError when one alters the experiment and ``force`` is false."""
+        from esreid.config import load_config
+
+        saved = (load_config(self.folder.config) if self.folder.config.is_file()
+                 else _checkpoint_config(ckpt, path))
+        changes = diff_configs(saved, self.cfg)
+        for key in ("train.output_dir", "train.run_name"):
+            changes.pop(key, None)  # where the folder is now (a moved run), not what it does
+        risky = experiment_changes(changes)
+        if risky and not force:
+            raise ConfigError(
+                f"resuming {self.run_dir} with a changed experiment ("
+                + ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in risky)
+                + "): pass --force to continue anyway (the change is recorded in metrics.jsonl), "
+                  "or start a new run with --set train.run_name=NEW")
+        return changes
+
     def _trim_metrics_log(self) -> None:
-        """Drop records of epochs after the current one (a restart from scratch drops all),
-        so a re-run or a resumed run does not repeat epochs in ``metrics.jsonl``."""
+        """Drop records after the restored epoch, so a resumed run logs each epoch once."""
         if not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch]
-        if self.epoch == 0:
-            kept = []
+        from esreid.utils import atomic_write_text
+
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a hard kill
+                if record.get("epoch", 0) <= self.epoch:
+                    kept.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
@@ -144,11 +246,17 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
-        """Write model, optimiser, epoch and RNG states atomically; returns the path."""
-        path = Path(path) if path else self.run_dir / "checkpoints" / "last.pt"
-        atomic_torch_save({
-            "esreid_version": __version__,
+        """Write the whole training state atomically; returns the path.
+
+        By default to ``last.pt``, whose previous version becomes ``prev.pt``. The state
+        includes the position inside the current epoch and the epoch's running statistics.
+        """
+        state = {
             "epoch": self.epoch,
+            "iteration": self.iteration,
+            "iters_per_epoch": self.iters_per_epoch,
+            "progress": vars(self.progress),
+            "bad_images": self.bad_images.paths,
             "num_classes": self.num_classes,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
@@ -156,12 +264,19 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "generator": self.generator.get_state(),
-        }, path)
-        return path
+        }
+        if path is None:
+            path = save_checkpoint(state, self.folder.last, keep_previous=self.folder.prev)
+            self._saved_at = (self.epoch, self.iteration)
+        else:
+            save_checkpoint(state, Path(path))
+        return Path(path)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` to continue training."""
-        ckpt = read_checkpoint(path)
+        self._restore(read_checkpoint(path), Path(path))
+
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         load_model_state(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -169,7 +284,43 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.generator.set_state(ckpt["generator"])
         self.epoch = int(ckpt["epoch"])
-        log.info("resumed from %s at epoch %d", path, self.epoch)
+        self.iteration = int(ckpt.get("iteration", 0))
+        self.progress = _EpochProgress(**ckpt.get("progress", {}))
+        self.bad_images.update(ckpt.get("bad_images", []))
+        self._saved_at = (self.epoch, self.iteration)
+        where = f" iteration {self.iteration}" if self.iteration else ""
+        log.info("resumed from %s at epoch %d%s", path, self.epoch, where)
+
+    # --- interruption -----------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:
+            # A second Ctrl-C: the user does not want to wait for the step.
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        if not self._in_steps:
+            self._interrupt()  # between steps (evaluation, checkpointing): stop right away
+        log.info("%s received: stopping after this step", signal.Signals(signum).name)
+
+    def _interrupt(self) -> None:
+        """Save the state unless already saved, then raise :class:`TrainingInterrupted`."""
+        signum = self._stop_signal or signal.SIGINT
+        if self._saved_at != (self.epoch, self.iteration):
+            self.save_checkpoint()
+        where = (f"epoch {self.epoch + 1}, iteration {self.iteration}/{self.iters_per_epoch}"
+                 if self.iteration else f"the end of epoch {self.epoch}")
+        raise TrainingInterrupted(signum, (
+            f"stopped by {signal.Signals(signum).name} at {where}: checkpoint {self.folder.last}; "
+            f"resume with: esreid train --resume {self.run_dir}"))
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            old[signum] = signal.signal(signum, self._on_signal)
+        return old
 
     # --- training ---------------------------------------------------------------------
 
@@ -191,7 +342,7 @@ class Trainer:
     def _epoch_length(self, epoch: int) -> int:
         """Batches in ``epoch``: the PK sampler's exact count, capped by optim.iters_per_epoch."""
         self.loader.sampler.set_epoch(epoch)
-        n = len(self.loader)
+        n = self.loader.sampler.epoch_length() // self.batch_size
         cap = self.cfg.optim.iters_per_epoch
         return min(n, cap) if cap > 0 else n
 
@@ -200,53 +351,74 @@ class Trainer:
         o = self.cfg.optim
         return o.lr * lr_factor(epoch, o.warmup_epochs, o.milestones, o.gamma)
 
+    def _note_bad_images(self, paths: Any) -> None:
+        for path in self.bad_images.update(paths):
+            log.warning("skipped unreadable image %s (data.on_bad_image=skip)", path)
+
     def train_epoch(self) -> EpochStats:
-        """Train one epoch and return its statistics.
+        """Train the rest of the current epoch and return its statistics.
 
         The learning rate is set before every step from the fractional epoch, so it is a
         pure function of progress (nothing to checkpoint) even though PK epochs vary
-        slightly in length.
+        slightly in length. A run restored mid-epoch starts at its saved iteration.
         """
         cfg = self.cfg
         n_iters = self._epoch_length(self.epoch)
         self.iters_per_epoch = n_iters
-        start, seen = time.time(), 0
-        losses: list[float] = []
-        sums: dict[str, float] = {}
-        bar = tqdm(total=n_iters, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
+        first = self.iteration
+        self.loader.sampler.set_epoch(self.epoch, start=first * self.batch_size)
+        every = cfg.train.checkpoint_every_iters
+        acc = self.progress
+        start, seen_before = time.time() - acc.seconds, acc.seen
+        bar = tqdm(total=n_iters, initial=first, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                    disable=not cfg.train.progress, leave=False, unit="it")
         last_batch = None
-        for it, (images, pids, *_rest) in enumerate(self.loader):
-            if it >= n_iters:
-                break
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.epoch + (it + 1) / n_iters)
-            images, pids = images.to(self.device, non_blocking=True), pids.to(self.device)
-            loss, parts = self.train_step(images, pids)
-            losses.append(loss)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen += images.shape[0]
-            elapsed = time.time() - start
-            remaining_iters = (cfg.optim.epochs - self.epoch) * n_iters - (it + 1)
-            eta = remaining_iters * elapsed / (it + 1)
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / elapsed:.1f}",
-                            eta=f"{eta / 60:.1f}min")
-            bar.update(1)
-            last_batch = (images, pids)
-        bar.close()
+        self._in_steps = True
+        try:
+            for it, (images, pids, *rest) in enumerate(self.loader, start=first):
+                if it >= n_iters:
+                    break
+                if len(rest) > 1:
+                    self._note_bad_images(rest[1])
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr_at(self.epoch + (it + 1) / n_iters)
+                images, pids = images.to(self.device, non_blocking=True), pids.to(self.device)
+                loss, parts = self.train_step(images, pids)
+                acc.losses.append(loss)
+                for k, v in parts.items():
+                    acc.sums[k] = acc.sums.get(k, 0.0) + v
+                acc.seen += images.shape[0]
+                acc.seconds = time.time() - start
+                self.iteration = it + 1
+                last_batch = (images, pids)
+                rate = (acc.seen - seen_before) / max(time.time() - start - 0, 1e-9)
+                eta = ((cfg.optim.epochs - self.epoch) * n_iters - self.iteration) * self.batch_size / max(rate, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", eta=f"{eta / 60:.1f}min")
+                bar.update(1)
+                if self.iteration < n_iters:
+                    if every > 0 and self.iteration % every == 0:
+                        self.save_checkpoint()
+                    if self._stop_signal is not None:
+                        self._interrupt()
+        finally:
+            self._in_steps = False
+            bar.close()
         self.epoch += 1
-        elapsed = time.time() - start
-        n = max(len(losses), 1)
-        stats = EpochStats(self.epoch, sum(losses) / n, {k: v / n for k, v in sums.items()},
-                           self.optimizer.param_groups[0]["lr"], seen / max(elapsed, 1e-9),
-                           elapsed, losses)
+        self.iteration = 0
+        self.progress = _EpochProgress()
+        elapsed = max(acc.seconds, 1e-9)
+        n = max(len(acc.losses), 1)
+        stats = EpochStats(self.epoch, sum(acc.losses) / n, {k: v / n for k, v in acc.sums.items()},
+                           self.optimizer.param_groups[0]["lr"], acc.seen / elapsed,
+                           elapsed, acc.losses)
         record: dict[str, Any] = {"type": "train", "epoch": self.epoch, "loss": stats.loss,
                                   "lr": stats.lr, "images_per_s": stats.images_per_s,
                                   "seconds": elapsed, **stats.parts}
         record.update(self._ppool_values())
         if cfg.train.diagnose_erasing and last_batch is not None:
             record.update(self.erased_batch_loss(*last_batch))
+        if cfg.data.on_bad_image == "skip":
+            record["skipped_images"] = self.bad_images.count
         self._log_metrics(record)
         log.info("epoch %d/%d loss %.4f lr %.2e %.1f img/s %.0fs%s", self.epoch, cfg.optim.epochs,
                  stats.loss, stats.lr, stats.images_per_s, elapsed,
@@ -294,81 +466,67 @@ class Trainer:
         log.info("eval epoch %d: %s", self.epoch, format_metrics(result["metrics"]))
         return result
 
+    def finished_results(self) -> dict[str, Any] | None:
+        """The run's ``results.json`` when training is complete and it was evaluated at the
+        final epoch; None otherwise."""
+        if self.epoch < self.cfg.optim.epochs or self.iteration or not self.folder.results.is_file():
+            return None
+        try:
+            result = json.loads(self.folder.results.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return result if result.get("epoch") == self.epoch else None
+
     def fit(self, evaluate: bool = True) -> dict[str, Any] | None:
         """Train the remaining epochs, checkpointing as configured; evaluate at the end.
 
         Returns the final results dict (also written to ``results.json``) or None when
-        ``evaluate`` is False.
+        ``evaluate`` is False. A run that is already finished is left as it is (its results
+        are returned). SIGTERM/SIGINT raise :class:`TrainingInterrupted` after saving.
         """
         cfg = self.cfg
-        self._trim_metrics_log()
-        log.info("run folder %s: %s on %s (%d train images, %d ids), %d epochs x %d iters, device %s",
-                 self.run_dir, cfg.name, self.data.name, len(self.data.train), self.num_classes,
-                 cfg.optim.epochs, self.iters_per_epoch, self.device)
-        while self.epoch < cfg.optim.epochs:
-            self.train_epoch()
-            last = self.epoch == cfg.optim.epochs
-            if last or (cfg.train.checkpoint_every > 0 and self.epoch % cfg.train.checkpoint_every == 0):
-                self.save_checkpoint()
-            if evaluate and not last and cfg.train.eval_every > 0 and self.epoch % cfg.train.eval_every == 0:
-                self.evaluate()
-        if not evaluate:
-            return None
-        return self.evaluate_and_save()
+        done = self.finished_results()
+        if done is not None:
+            log.info("run %s is already finished (epoch %d/%d); results: %s", self.run_dir,
+                     self.epoch, cfg.optim.epochs, self.folder.results)
+            return done if evaluate else None
+        self._stop_signal = None
+        old_handlers = self._install_signal_handlers()
+        try:
+            log.info("run folder %s: %s on %s (%d train images, %d ids), %d epochs x %d iters, "
+                     "device %s", self.run_dir, cfg.name, self.data.name, len(self.data.train),
+                     self.num_classes, cfg.optim.epochs, self.iters_per_epoch, self.device)
+            while self.epoch < cfg.optim.epochs:
+                self.train_epoch()
+                last = self.epoch == cfg.optim.epochs
+                every = cfg.train.checkpoint_every
+                if last or (every > 0 and self.epoch % every == 0) or cfg.train.checkpoint_every_iters > 0:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    self._interrupt()
+                if evaluate and not last and cfg.train.eval_every > 0 and self.epoch % cfg.train.eval_every == 0:
+                    self.evaluate()
+            if self._saved_at != (self.epoch, self.iteration):
+                self.save_checkpoint()  # e.g. a finished run resumed with more epochs, then none
+            if not evaluate:
+                return None
+            return self.evaluate_and_save()
+        finally:
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
 
     def evaluate_and_save(self, features_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Final evaluation: :meth:`evaluate`, then write ``run_dir/results.json``."""
         result = self.evaluate(features_out)
         result["run_dir"] = str(self.run_dir)
-        write_results(self.run_dir / "results.json", result)
+        if self.cfg.data.on_bad_image == "skip":
+            result["skipped_images"] = {"train": self.bad_images.count,
+                                        **result.get("skipped_images", {})}
+        write_results(self.folder.results, result)
         return result
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file (on CPU) and check it is an esreid checkpoint."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not an esreid checkpoint (no 'model' entry)")
-    return ckpt
+def _checkpoint_config(ckpt: dict[str, Any], path: Path) -> Config:
+    from esreid.engine.checkpoint import config_from_checkpoint
 
-
-def load_model_state(model: torch.nn.Module, ckpt: dict[str, Any], path: Path) -> None:
-    """Load ``ckpt['model']`` into ``model``, with an error naming the first mismatches."""
-    own = model.state_dict()
-    state = ckpt["model"]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shape:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:3]}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:3]}")
-        if shape:
-            k = shape[0]
-            details.append(f"{k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: " + "; ".join(details)
-                              + " (was it trained with another --config?)")
-    model.load_state_dict(state)
-
-
-def model_from_checkpoint(cfg: Config, path: Path) -> ESNet:
-    """Build the model ``cfg`` describes and load trained weights from ``path``.
-
-    ImageNet weights are not loaded (the checkpoint replaces them).
-    """
-    ckpt = read_checkpoint(path)
-    num_classes = int(ckpt.get("num_classes", 0))
-    if num_classes < 1:
-        raise CheckpointError(f"{path} does not record num_classes")
-    model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "pretrained": "none"})
-    model = build_model(model_cfg, num_classes, cfg.erase)
-    load_model_state(model, ckpt, path)
-    return model
+    return config_from_checkpoint(ckpt, path)

@@ -120,6 +120,15 @@ class ESNet(nn.Module):
         if self.erase.method != "none" and esb is None:
             raise ValueError(f"erase.method={self.erase.method} needs an ESB")
 
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters the optimiser must not decay (timm's convention:
+        each submodule that has such parameters declares them)."""
+        names = set()
+        for prefix, module in self.named_modules():
+            if module is not self and hasattr(module, "no_weight_decay"):
+                names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
+        return names
+
     def branches(self) -> dict[str, Branch]:
         """The present branches by name (``aib`` first)."""
         return {k: b for k, b in (("aib", self.aib), ("esb", self.esb)) if b is not None}

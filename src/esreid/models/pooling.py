@@ -128,6 +128,11 @@ class PPooling(nn.Module):
         shape = () if num_channels is None else (num_channels,)
         self.raw_l = nn.Parameter(torch.full(shape, raw, dtype=torch.float32))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay: the exponent, which decay would pull
+        towards a value of its parametrisation rather than towards "no change"."""
+        return {"raw_l"}
+
     def _inverse(self, exponent: float) -> float:
         """Return the ``raw_l`` value whose exponent ``l`` is ``exponent``."""
         y = exponent - 1.0

@@ -8,7 +8,6 @@ safe in servers and worker threads.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from esreid.utils import atomic_write
 
 __all__ = ["denormalize", "overlay_heatmap", "pair_figure_size", "save_pair_figure"]
 
@@ -171,12 +172,4 @@ def save_pair_figure(
         axes.text(0.5, 1.0, label, transform=axes.transAxes, ha="center", va="bottom", fontsize=8)
     if title:
         figure.suptitle(title, y=1.0, va="top", fontsize=10)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
-        figure.savefig(temp_name, format="png", dpi=_DPI)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))

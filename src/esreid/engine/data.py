@@ -1,0 +1,66 @@
+"""The data a config describes: load its dataset and check it can train and evaluate."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from esreid.config import Config, ConfigError
+from esreid.data import load_dataset
+from esreid.data.records import ReIDData
+
+log = logging.getLogger("esreid.data")
+
+
+def load_data(cfg: Config) -> ReIDData:
+    """Load ``cfg.data.name`` from ``cfg.data.root`` and return its splits.
+
+    For the synthetic benchmark, ``data.root`` may be the benchmark or its parent; when
+    neither holds one, it is generated into ``data.root`` (saying so).
+    """
+    name, root = cfg.data.name, Path(cfg.data.root).expanduser()
+    if name == "synthetic":
+        from esreid.data.synthetic import MANIFEST_NAME, ensure_synthetic
+
+        found = next((c for c in (root, root / "synthetic") if (c / MANIFEST_NAME).is_file()), None)
+        root = found if found is not None else ensure_synthetic(
+            root, num_ids=cfg.data.synth_ids, seed=cfg.data.synth_seed)
+    options: dict[str, Any] = {}
+    if name == "vehicleid":
+        options["test_size"] = cfg.data.test_size
+    if name == "custom" and cfg.data.cam_pattern:
+        options["cam_pattern"] = cfg.data.cam_pattern
+    return load_dataset(name, root, **options)
+
+
+def check_data(data: ReIDData, cfg: Config, training: bool = True) -> None:
+    """Refuse data that cannot give a meaningful run, before any work is done.
+
+    Errors (ConfigError naming the setting): an empty training split, fewer training
+    identities than ``data.ids_per_batch``, a Market-protocol test split whose query and
+    gallery share no identity (every query would have no match). Warning: every training
+    identity has a single image (the triplet loss and BESM's easiest positive need two).
+    """
+    d = cfg.data
+    if training:
+        if not data.train:
+            raise ConfigError(f"dataset {data.name} at {d.root}: the training split is empty")
+        counts = Counter(r.pid for r in data.train)
+        if len(counts) < d.ids_per_batch:
+            raise ConfigError(
+                f"data.ids_per_batch={d.ids_per_batch} but dataset {data.name} has only "
+                f"{len(counts)} training identities: lower data.ids_per_batch")
+        if max(counts.values()) < 2 and (cfg.loss.triplet or cfg.erase.method == "besm"):
+            log.warning("dataset %s: every training identity has a single image; the triplet "
+                        "loss and BESM's easiest positive need two images of an identity, so "
+                        "each batch repeats images to make pairs", data.name)
+    if data.protocol != "vehicleid":
+        if not data.query or not data.gallery:
+            raise ConfigError(f"dataset {data.name} at {d.root}: the query or gallery split is empty")
+        shared = {r.pid for r in data.query} & {r.pid for r in data.gallery if r.pid >= 0}
+        if not shared:
+            raise ConfigError(
+                f"dataset {data.name} at {d.root}: query and gallery share no identity, so no "
+                "query has a true match (are the query/ and gallery/ folders from one dataset?)")
