@@ -160,3 +160,14 @@ def test_esb_input_for_partly_erased_batch(reuse_clean):
     expected = model.esb(model.trunk(out.erased_images))
     assert torch.equal(out.erased_images[~was], images[~was])
     assert torch.allclose(out.branches["esb"].feat, expected.feat, atol=1e-5)
+
+
+@pytest.mark.parametrize("aib_pool, esb_pool, per_channel, expected", [
+    ("gap", "ppool", False, {"esb.pool.raw_l"}),
+    ("ppool", "ppool", True, {"aib.pool.raw_l", "esb.pool.raw_l"}),
+    ("gap", "gmp", False, set()),
+])
+def test_no_weight_decay_names_each_p_pooling_exponent(aib_pool, esb_pool, per_channel, expected):
+    model = _model(erase="none", aib_pool=aib_pool, esb_pool=esb_pool, ppool_per_channel=per_channel)
+    assert model.no_weight_decay() == expected
+    assert expected <= dict(model.named_parameters()).keys()

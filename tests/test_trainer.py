@@ -1,6 +1,7 @@
 """Training loop: schedule in the loop, checkpoint/resume, a tiny end-to-end run, the CLI."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -190,3 +191,54 @@ def test_presets_command_lists_every_preset(capsys):
     assert [line.split()[0] for line in lines] == list_presets()
     esnet = next(line for line in lines if line.startswith("esnet "))
     assert "AIB(gap) + ESB(ppool) ID+triplet erase=besm(R=0.2,P=0.5) 384x128 120ep" in esnet
+
+
+def test_optimizer_keeps_p_pooling_exponent_out_of_weight_decay(tmp_path, synth_root):
+    trainer = Trainer(_cfg(tmp_path, synth_root, extra=["train.run_name=wd"]))
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert [p is trainer.model.esb.pool.raw_l for p in no_decay["params"]] == [True]
+
+
+def test_single_image_identities_warn_before_training(tmp_path, caplog):
+    from fixture_trees import write_custom_folders
+
+    from esreid.engine.data import check_data, load_data
+
+    root = write_custom_folders(tmp_path, split_layout=True)
+    cfg = load_config("esnet", ["data.name=custom", f"data.root={root}", "data.ids_per_batch=2",
+                                r"data.cam_pattern=_cam(\d+)_"])
+    data = load_data(cfg)
+    data.train = [r for i, r in enumerate(data.train)
+                  if r.pid not in {x.pid for x in data.train[:i]}]  # one image per identity
+    logger = logging.getLogger("esreid")
+    logger.addHandler(caplog.handler)
+    try:
+        check_data(data, cfg)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "every training identity has a single image" in caplog.text
+
+
+def test_explain_warns_when_a_cg_ram_map_is_flat(tmp_path, synth_root, caplog, monkeypatch):
+    import esreid.explain as explain
+
+    cfg = _cfg(tmp_path, synth_root, extra=["train.run_name=flat"])
+    trainer = Trainer(cfg)
+    data = trainer.data
+    feats = torch.randn(len(data.gallery), 8)
+
+    def flat_query(model, layer, q, g, return_gallery=False):
+        return torch.zeros(1, 2, 1), torch.ones(1, 2, 1)
+
+    monkeypatch.setattr(explain, "cg_ram", flat_query)
+    logger = logging.getLogger("esreid")
+    logger.addHandler(caplog.handler)
+    try:
+        paths = explain.explain_pairs(trainer.model, cfg, data.query[:1], data.gallery, feats,
+                                      feats[:1], tmp_path / "figs")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert len(paths) == 1 and paths[0].is_file()
+    assert "CG-RAM of query is zero everywhere" in caplog.text
+    assert data.query[0].path in caplog.text

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -191,24 +190,6 @@ def test_torch_write_failure_with_free_space_is_not_called_disk_full(tmp_path, m
 def test_disk_full_error_pickles():
     err = pickle.loads(pickle.dumps(DiskFullError("no space left on device while writing x")))
     assert str(err) == "no space left on device while writing x" and err.errno == errno.ENOSPC
-
-
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A real 1 MiB tmpfs; the test is skipped only where mounting is not permitted."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount command")
-    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_real_full_disk(tiny_filesystem):

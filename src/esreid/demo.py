@@ -96,7 +96,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False,
         cfg = load_config(preset, settings)
         cfg.train.run_name = preset
         log.info("training %s (%s)", label, preset)
-        trainer = Trainer(cfg, data=data)
+        trainer = Trainer(cfg, data=data, overwrite=True)  # the demo re-creates its own runs
         feats: dict[str, torch.Tensor] = {}
         t0 = time.time()
         trainer.fit(evaluate=False)

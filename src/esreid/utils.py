@@ -98,8 +98,11 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
     return False
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None], keep_previous: Path | None = None) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    With ``keep_previous``, the file ``path`` held so far is renamed to ``keep_previous``
+    just before the new one takes its place, so one complete version exists at every moment.
 
     A crash mid-write leaves the old file (or nothing), never a truncated one. The data is
     fsynced before the rename, and the file gets the mode the umask gives any new file
@@ -116,6 +119,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         _fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        if keep_previous is not None and path.is_file():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException as exc:
         disk_full = isinstance(exc, Exception) and _is_disk_full(exc, path.parent)
@@ -169,8 +174,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
+def atomic_torch_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`, also for
+    ``keep_previous``)."""
 
     def write(tmp: str) -> None:
         # Through a Python file object, a full disk surfaces as the OSError (ENOSPC) behind
@@ -178,7 +184,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    atomic_write(path, write)
+    atomic_write(path, write, keep_previous)
 
 
 def seed_everything(seed: int) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from esreid import __version__
 from esreid.config import Config, apply_overrides, build_config
-from esreid.utils import atomic_write
+from esreid.utils import atomic_torch_save
 
 log = logging.getLogger("esreid.checkpoint")
 
@@ -219,15 +219,7 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: Path | Non
     path = Path(path)
     state = {"esreid_version": __version__, "format": CHECKPOINT_FORMAT, **state}
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if keep_previous is not None and path.is_file():
-            os.replace(path, keep_previous)
-
-    atomic_write(path, write)
+    atomic_torch_save(state, path, keep_previous)
     return path
 
 
