@@ -13,8 +13,8 @@ from esreid.cli import main
 from esreid.config import load_config
 from esreid.data import load_dataset
 from esreid.data.synthetic import generate_synthetic
-from esreid.engine.evaluate import camera_filter_labels
 from esreid.engine.checkpoint import CheckpointError, model_from_checkpoint
+from esreid.engine.evaluate import camera_filter_labels
 from esreid.engine.trainer import Trainer
 
 TINY = [
