@@ -6,3 +6,12 @@ images whose most salient pixels (found with CG-RAM) were erased, pooled with P-
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``from esreid import ReIDModel`` without making ``import esreid`` load torch.
+    if name == "ReIDModel":
+        from esreid.inference import ReIDModel
+
+        return ReIDModel
+    raise AttributeError(f"module 'esreid' has no attribute {name!r}")

@@ -13,16 +13,11 @@ from esreid.config import Config
 from esreid.data.loader import read_rgb
 from esreid.data.records import Record
 from esreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from esreid.inference import explanation_layer
 from esreid.models.esnet import ESNet
 from esreid.saliency import cg_ram, denormalize, save_pair_figure, upsample_saliency
 
 log = logging.getLogger("esreid.explain")
-
-
-def explanation_layer(model: ESNet) -> torch.nn.Module:
-    """The layer CG-RAM explains by default: the ESB's last stage (res_conv5), else the AIB's."""
-    branch = model.esb if model.esb is not None else model.aib
-    return list(branch.stages.children())[-1]
 
 
 def _load_images(records: Sequence[Record], cfg: Config) -> torch.Tensor:

@@ -16,6 +16,29 @@ from esreid.data.loader import BadImageLog
 log = logging.getLogger("esreid.features")
 
 
+def descriptor(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """The retrieval descriptor of a preprocessed batch: ``model(images)``, averaged with the
+    mirrored images' descriptor when ``flip`` (the paper's test-time flip). The one
+    definition evaluation, :class:`esreid.inference.ReIDModel` and the ONNX export share."""
+    f = model(images)
+    if flip:
+        f = (f + model(torch.flip(images, dims=[3]))) / 2
+    return f
+
+
+class Descriptor(nn.Module):
+    """``model`` wrapped so that ``forward`` returns :func:`descriptor` (what ONNX exports)."""
+
+    def __init__(self, model: nn.Module, flip: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.flip = bool(flip)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Descriptors [N, D] of preprocessed images [N, 3, H, W]."""
+        return descriptor(self.model, images, self.flip)
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -48,9 +71,7 @@ def extract_features(
             if len(batch[0]) == 0:
                 continue
             images = batch[0].to(device, non_blocking=True)
-            f = model(images)
-            if flip:
-                f = (f + model(torch.flip(images, dims=[3]))) / 2
+            f = descriptor(model, images, flip)
             feats.append(f.float().cpu())
             pids.append(np.asarray(batch[1]))
             camids.append(np.asarray(batch[2]))
