@@ -245,4 +245,4 @@ def test_explain_writes_into_the_run_folder(finished_run, tmp_path, capsys):
     run = _copy_run(finished_run, tmp_path)
     assert main(["explain", "--checkpoint", str(run / "checkpoints" / "last.pt"),
                  "--queries", "1"]) == 0
-    assert [p.name for p in (run / "explanations").iterdir()] == ["query00_rank1.png"]
+    assert [p.name for p in (run / "explanations").iterdir()] == ["query00.png"]

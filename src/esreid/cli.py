@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "stored in the checkpoint)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by `esreid train`")
     p.add_argument("--queries", type=int, default=4, help="number of queries (default 4)")
-    p.add_argument("--top-k", type=int, default=1, help="gallery matches per query (default 1)")
+    p.add_argument("--top-k", type=int, default=3, help="gallery matches per query (default 3)")
     p.add_argument("--out", help="output folder (default: explanations/ in the checkpoint's run "
                                  "folder, or beside the checkpoint)")
     p.set_defaults(func=_cmd_explain)

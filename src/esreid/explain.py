@@ -13,11 +13,51 @@ from esreid.config import Config
 from esreid.data.loader import read_rgb
 from esreid.data.records import Record
 from esreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
-from esreid.inference import explanation_layer
+from esreid.inference import ImageLike, ReIDModel, explanation_layer
 from esreid.models.esnet import ESNet
-from esreid.saliency import cg_ram, denormalize, save_pair_figure, upsample_saliency
+from esreid.saliency import (
+    RankPanel,
+    cg_ram,
+    denormalize,
+    save_pair_figure,
+    save_rank_list_figure,
+    upsample_saliency,
+)
 
 log = logging.getLogger("esreid.explain")
+
+
+def warn_if_flat(query_map: torch.Tensor | np.ndarray, gallery_map: torch.Tensor | np.ndarray,
+                 query: object, gallery: object) -> None:
+    """Warn when a CG-RAM map of a pair is zero everywhere.
+
+    ReLU(sum phi*A) can vanish for a whole image (e.g. an untrained model); its overlay then
+    shows nothing, which the user should hear about rather than read as "no salient part".
+    """
+    flat = [name for name, m in (("query", query_map), ("gallery", gallery_map))
+            if not bool((m > 0).any())]
+    if flat:
+        log.warning("CG-RAM of %s is zero everywhere for the pair %s / %s: its overlay shows "
+                    "no salient region", " and ".join(flat), query, gallery)
+
+
+def save_rank_list(model: ReIDModel, query: ImageLike, matches: Sequence[tuple[ImageLike, str, bool | None]],
+                   path: Path, title: str = "") -> Path:
+    """Draw one query's rank list with CG-RAM overlays (see ``save_rank_list_figure``).
+
+    ``matches`` are ``(gallery image, caption, correct or None)`` in rank order. Each gallery
+    overlay is its map for the (query, match) pair; the query's overlay is its map for the
+    first match. Images are read with the data loaders' reader.
+    """
+    q_image = denormalize(model.preprocess(query)[0], IMAGENET_MEAN, IMAGENET_STD)
+    panels, query_map = [], None
+    for image, caption, correct in matches:
+        q_map, g_map = model.explain(query, image)
+        warn_if_flat(q_map, g_map, query, image)
+        query_map = q_map if query_map is None else query_map
+        g_image = denormalize(model.preprocess(image)[0], IMAGENET_MEAN, IMAGENET_STD)
+        panels.append(RankPanel(g_image, g_map, caption, correct))
+    return save_rank_list_figure(path, q_image, query_map, panels, title=title)
 
 
 def _load_images(records: Sequence[Record], cfg: Config) -> torch.Tensor:
@@ -57,22 +97,13 @@ def explain_pairs(
     try:
         for qi, q in enumerate(queries):
             # The Market protocol ignores same-camera matches of the same identity.
-            valid = [j for j in np.argsort(dist[qi], kind="stable")
-                     if not (gallery[j].pid == q.pid and gallery[j].camid == q.camid)
-                     and gallery[j].pid != -1]
-            picks = valid[:top_k]
+            picks = protocol_matches(q, gallery, dist[qi], top_k)
             q_img = _load_images([q], cfg).to(device)
             for rank, gj in enumerate(picks, start=1):
                 g = gallery[gj]
                 g_img = _load_images([g], cfg).to(device)
                 q_map, g_map = cg_ram(model, layer, q_img, g_img, return_gallery=True)
-                flat = [name for name, m in (("query", q_map), ("gallery", g_map))
-                        if not bool((m > 0).any())]
-                if flat:
-                    # ReLU(sum phi*A) can vanish for a whole image (e.g. an untrained model);
-                    # the overlay then shows nothing, which the user should hear about.
-                    log.warning("CG-RAM of %s is zero everywhere for the pair %s / %s: its "
-                                "overlay shows no salient region", " and ".join(flat), q.path, g.path)
+                warn_if_flat(q_map, g_map, q.path, g.path)
                 size = q_img.shape[-2:]
                 q_map = upsample_saliency(q_map, size)[0]
                 g_map = upsample_saliency(g_map, size)[0]
@@ -96,21 +127,44 @@ def pick_queries(queries: Sequence[Record], n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, len(queries) - 1, num=min(n, len(queries)))})
 
 
+def protocol_matches(query: Record, gallery: Sequence[Record], distances: np.ndarray,
+                     top_k: int) -> list[int]:
+    """The ``top_k`` gallery indices of a query's ranking under the Market protocol (junk and
+    same-identity same-camera images left out), ties broken by gallery index."""
+    valid = [j for j in np.argsort(distances, kind="stable")
+             if gallery[j].pid != -1 and not (gallery[j].pid == query.pid
+                                             and gallery[j].camid == query.camid)]
+    return valid[:top_k]
+
+
 def explain_queries(cfg: Config, checkpoint: Path, ckpt: dict | None = None, num_queries: int = 4,
-                    top_k: int = 1, out_dir: Path = Path("explanations")) -> list[Path]:
-    """Load a trained model, rank the gallery of ``cfg``'s dataset for a few queries and save
-    CG-RAM figures of each query and its ``top_k`` matches into ``out_dir``."""
+                    top_k: int = 3, out_dir: Path = Path("explanations")) -> list[Path]:
+    """Load a trained model, rank ``cfg``'s gallery for a few queries, and save one rank-list
+    figure per query (``queryNN.png``) with CG-RAM overlays, distances and green/red frames
+    for correct/wrong matches."""
     from esreid.engine.checkpoint import model_from_checkpoint
     from esreid.engine.data import load_data
     from esreid.engine.evaluate import embed_records
+    from esreid.metrics import compute_distance
     from esreid.utils import resolve_device
 
     device = resolve_device(cfg.train.device)
-    model = model_from_checkpoint(checkpoint, cfg, ckpt=ckpt).to(device)
+    reid = ReIDModel(model_from_checkpoint(checkpoint, cfg, ckpt=ckpt), cfg, device=device,
+                     source=str(checkpoint))
     data = load_data(cfg)
     idx = pick_queries(data.query, num_queries)
     queries = [data.query[i] for i in idx]
-    gallery_features = embed_records(model, data.gallery, cfg, device, "gallery")[0]
-    query_features = embed_records(model, queries, cfg, device, "query")[0]
-    return explain_pairs(model, cfg, queries, data.gallery, gallery_features, query_features,
-                         out_dir, top_k=top_k)
+    gallery_features = embed_records(reid.model, data.gallery, cfg, device, "gallery")[0]
+    query_features = embed_records(reid.model, queries, cfg, device, "query")[0]
+    dist = compute_distance(query_features, gallery_features, metric=cfg.eval.metric)
+    paths = []
+    for qi, q in enumerate(queries):
+        matches = []
+        for rank, gj in enumerate(protocol_matches(q, data.gallery, dist[qi], top_k), start=1):
+            g = data.gallery[gj]
+            caption = f"#{rank}  d={dist[qi, gj]:.3f}\nid {g.original_pid} cam {g.camid + 1}"
+            matches.append((g.path, caption, g.pid == q.pid))
+        title = f"query id {q.original_pid} cam {q.camid + 1}: {Path(q.path).name}"
+        paths.append(save_rank_list(reid, q.path, matches, Path(out_dir) / f"query{qi:02d}.png",
+                                    title=title))
+    return paths

@@ -10,14 +10,17 @@ from esreid.saliency.cgram import (
 )
 from esreid.saliency.erasing import BatchFeatureDrop, batch_feature_drop, besm_erase, random_erase
 from esreid.saliency.visualize import (
+    RankPanel,
     denormalize,
     overlay_heatmap,
     pair_figure_size,
     save_pair_figure,
+    save_rank_list_figure,
 )
 
 __all__ = [
     "BatchFeatureDrop",
+    "RankPanel",
     "batch_cg_ram",
     "batch_feature_drop",
     "besm_erase",
@@ -30,5 +33,6 @@ __all__ = [
     "pair_figure_size",
     "random_erase",
     "save_pair_figure",
+    "save_rank_list_figure",
     "upsample_saliency",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from esreid.utils import atomic_write
 
-__all__ = ["denormalize", "overlay_heatmap", "pair_figure_size", "save_pair_figure"]
+__all__ = ["RankPanel", "denormalize", "overlay_heatmap", "pair_figure_size",
+           "save_pair_figure", "save_rank_list_figure"]
 
 _PANEL_WIDTH_IN = 2.0
 _LABEL_HEIGHT_IN = 0.3
@@ -173,3 +175,64 @@ def save_pair_figure(
     if title:
         figure.suptitle(title, y=1.0, va="top", fontsize=10)
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))
+
+
+@dataclass
+class RankPanel:
+    """One gallery match in a rank-list figure: the image, its CG-RAM map [H, W] in [0, 1],
+    a caption (e.g. rank and distance) and whether it is a correct match (None: unknown)."""
+
+    image: Tensor | np.ndarray
+    saliency: Tensor | np.ndarray
+    caption: str
+    correct: bool | None = None
+
+
+_FRAME_COLORS = {True: "#1a9641", False: "#d7191c", None: "#bbbbbb"}
+
+
+def save_rank_list_figure(
+    path: str | os.PathLike[str],
+    query_image: Tensor | np.ndarray,
+    query_map: Tensor | np.ndarray,
+    matches: Sequence[RankPanel],
+    title: str = "",
+    query_caption: str = "query",
+) -> Path:
+    """Save one PNG row: the query, then its ranked gallery matches, each with its CG-RAM
+    overlay and caption; a match's frame is green when correct, red when wrong, grey when
+    unknown. Images share one size (H x W); written atomically. Returns the path."""
+    path = Path(path)
+    if not matches:
+        raise ValueError("a rank list needs at least one match")
+    panels = [(query_caption, overlay_heatmap(query_image, query_map), "#2b83ba")]
+    panels += [(m.caption, overlay_heatmap(m.image, m.saliency), _FRAME_COLORS[m.correct])
+               for m in matches]
+    height, width = panels[0][1].shape[:2]
+    if any(p[1].shape[:2] != (height, width) for p in panels):
+        raise ValueError("the query and gallery images of a rank list must share one size")
+    panel_w = 1.4
+    panel_h = panel_w * height / width
+    caption_h = 0.45
+    title_h = _TITLE_HEIGHT_IN if title else 0.0
+    fig_w, fig_h = panel_w * len(panels), panel_h + caption_h + title_h
+    figure = Figure(figsize=(fig_w, fig_h), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    bottom = caption_h / fig_h
+    for index, (caption, picture, color) in enumerate(panels):
+        left = index / len(panels)
+        axes = figure.add_axes((left + 0.04 / len(panels), bottom, 0.92 / len(panels),
+                                panel_h / fig_h))
+        axes.imshow(picture, interpolation="nearest", aspect="auto")
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(4 if color != _FRAME_COLORS[None] else 1)
+        figure.text(left + 0.5 / len(panels), bottom - 0.02, caption, ha="center", va="top",
+                    fontsize=7, wrap=True)
+    if title:
+        figure.suptitle(title, y=1.0, va="top", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))
+    return path
