@@ -5,19 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from esreid.saliency import (
     batch_cg_ram,
     cg_ram,
     cosine_score,
-    denormalize,
     easiest_positive,
     grad_cam_batch,
-    overlay_heatmap,
-    pair_figure_size,
-    save_pair_figure,
     upsample_saliency,
 )
 
@@ -363,75 +358,3 @@ def test_grad_cam_batch_target_errors():
         grad_cam_batch(head, a, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="targets must be an integer tensor"):
         grad_cam_batch(head, a, torch.tensor([0.0, 1.0]))
-
-
-def test_denormalize_inverts_normalisation_and_clamps():
-    mean, std = [0.5, 0.25, 0.0], [0.5, 0.25, 2.0]
-    x = torch.tensor([[[0.0]], [[1.0]], [[0.25]]])  # [3, 1, 1]
-    torch.testing.assert_close(denormalize(x, mean, std), torch.tensor([[[0.5]], [[0.5]], [[0.5]]]))
-    batch = torch.full((2, 3, 1, 1), 10.0)
-    assert torch.equal(denormalize(batch, mean, std), torch.ones(2, 3, 1, 1))
-    with pytest.raises(ValueError, match="mean and std need 3 entries"):
-        denormalize(x, [0.5], [0.5])
-
-
-def test_overlay_heatmap_blends_with_jet():
-    image = np.full((2, 3, 3), 200, dtype=np.uint8)
-    saliency = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
-    assert np.array_equal(overlay_heatmap(image, saliency, alpha=0.0), image)
-    heat = overlay_heatmap(image, saliency, alpha=1.0)
-    # jet(0) = (0, 0, 0.5) and jet(1) = (0.5, 0, 0): dark blue and dark red.
-    assert heat.dtype == np.uint8 and heat.shape == (2, 3, 3)
-    assert heat[0, 0].tolist() == [0, 0, 128] and heat[0, 1].tolist() == [128, 0, 0]
-    half = overlay_heatmap(torch.ones(3, 2, 3), saliency, alpha=0.5)
-    assert half[0, 0].tolist() == [128, 128, 191]  # 0.5 * 255 + 0.5 * (0, 0, 127.5)
-    with pytest.raises(ValueError, match=r"saliency shape \(3, 2\) does not match"):
-        overlay_heatmap(image, saliency.T)
-    with pytest.raises(ValueError, match=r"a tensor image must be float \[3, H, W\]"):
-        overlay_heatmap(torch.ones(2, 3, 3), saliency)
-
-
-def test_save_pair_figure_writes_png_atomically(tmp_path):
-    g = _gen(20)
-    height, width = 32, 16
-    query, gallery = (
-        torch.rand(3, height, width, generator=g),
-        torch.rand(3, height, width, generator=g),
-    )
-    maps = upsample_saliency(torch.rand(2, 4, 2, generator=g), (height, width))
-    target = tmp_path / "pair.png"
-    target.write_bytes(b"old")  # an existing file is replaced
-    save_pair_figure(target, query, gallery, maps[0], maps[1], title="rank 1")
-    with Image.open(target) as png:
-        assert png.format == "PNG"
-        assert png.size == pair_figure_size(height, width, "rank 1") == (800, 460)
-    assert [p.name for p in tmp_path.iterdir()] == ["pair.png"]
-    save_pair_figure(tmp_path / "plain.png", query, gallery, maps[0], maps[1])
-    with Image.open(tmp_path / "plain.png") as png:
-        assert png.size == pair_figure_size(height, width) == (800, 430)
-
-
-def test_save_pair_figure_errors_leave_nothing(tmp_path):
-    image, heat = torch.rand(3, 4, 4), torch.rand(4, 4)
-    with pytest.raises(ValueError, match="path must end with .png"):
-        save_pair_figure(tmp_path / "x.jpg", image, image, heat, heat)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        save_pair_figure(tmp_path / "missing" / "x.png", image, image, heat, heat)
-    with pytest.raises(ValueError, match="saliency contains NaN"):
-        save_pair_figure(tmp_path / "x.png", image, image, heat, torch.full((4, 4), float("nan")))
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_save_pair_figure_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    def broken_savefig(self, fname, **kwargs):
-        with open(fname, "wb") as handle:
-            handle.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    image, heat = torch.rand(3, 4, 4), torch.rand(4, 4)
-    with pytest.raises(OSError, match="disk full"):
-        save_pair_figure(tmp_path / "x.png", image, image, heat, heat)
-    assert list(tmp_path.iterdir()) == []
