@@ -113,15 +113,23 @@ class _GalleryIndex:
             return self._empty
         return self._groups.get(pid, self._empty)
 
+    def split(self, pid: int, cam: int) -> tuple[np.ndarray, np.ndarray]:
+        """Market protocol for one query: ``(positives, same_camera)`` gallery indices.
+
+        Positives share the query's identity but not its camera; ``same_camera`` items share
+        both and are ignored, as are the ``junk`` columns. Every other item is a negative.
+        """
+        grp = self.group(pid)
+        same_cam = self.g_camids[grp] == cam
+        return grp[~same_cam], grp[same_cam]
+
 
 def _positive_ranks(d: np.ndarray, qpid: int, qcam: int, index: _GalleryIndex) -> np.ndarray | None:
     """Sorted 1-based ranks of one query's positives among its valid gallery items.
 
     ``d`` is the query's distance row. Returns None when the query has no valid positive.
     """
-    grp = index.group(qpid)
-    same_cam = index.g_camids[grp] == qcam
-    pos = grp[~same_cam]
+    pos, same_cam = index.split(qpid, qcam)
     if pos.size == 0:
         return None
     t = d[pos]
@@ -130,7 +138,7 @@ def _positive_ranks(d: np.ndarray, qpid: int, qcam: int, index: _GalleryIndex) -
     valid = d <= t[-1]
     if index.junk.size:
         valid[index.junk] = False
-    valid[grp[same_cam]] = False
+    valid[same_cam] = False
     head = d[valid]
     head.sort()
     lo = np.searchsorted(head, t, side="left")
