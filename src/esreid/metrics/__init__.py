@@ -1,11 +1,13 @@
-"""Evaluation: distances, Market-protocol ranking metrics (CMC, mAP, mINP), k-reciprocal
-re-ranking, the VehicleID protocol, and results files with a Markdown report."""
+"""Evaluation: distances, Market-protocol ranking metrics (CMC, mAP, mINP), verification
+TPR at fixed FPR, k-reciprocal re-ranking, the VehicleID protocol, and results files with a
+Markdown report."""
 
 from esreid.metrics.distance import compute_distance
 from esreid.metrics.ranking import RankResult, evaluate_features, evaluate_rank
 from esreid.metrics.report import build_report, load_results, write_results
 from esreid.metrics.rerank import k_reciprocal_rerank
 from esreid.metrics.vehicleid import evaluate_vehicleid, vehicleid_draw
+from esreid.metrics.verification import tpr_at_fpr, tpr_at_fpr_features
 
 __all__ = [
     "RankResult",
@@ -16,6 +18,8 @@ __all__ = [
     "evaluate_vehicleid",
     "k_reciprocal_rerank",
     "load_results",
+    "tpr_at_fpr",
+    "tpr_at_fpr_features",
     "vehicleid_draw",
     "write_results",
 ]
