@@ -71,7 +71,22 @@ def test_end_to_end_train_and_evaluate(tmp_path, synth_root):
     assert saved["metrics"] == pytest.approx(result["metrics"])
     m = saved["metrics"]
     assert 0.0 <= m["mINP"] <= m["mAP"] <= 1.0 and 0.0 <= m["rank1"] <= m["rank5"] <= 1.0
+    # Verification: TPR at each FPR, and the distance threshold of that operating point,
+    # equal to a direct tpr_at_fpr of the same descriptors.
+    from esreid.engine.evaluate import VERIFICATION_FPRS, embed_records
+    from esreid.metrics import compute_distance, tpr_at_fpr
+
+    assert [v["fpr"] for v in saved["verification"]] == list(VERIFICATION_FPRS)
+    assert m["TPR@FPR=0.0001"] <= m["TPR@FPR=0.001"] <= m["TPR@FPR=0.01"]
+    trained = model_from_checkpoint(run / "checkpoints" / "last.pt")
     data = load_dataset("synthetic", synth_root)
+    qf, qp, qc = embed_records(trained, data.query, cfg, "cpu")
+    gf, gp, gc = embed_records(trained, data.gallery, cfg, "cpu")
+    direct = tpr_at_fpr(compute_distance(qf, gf, metric="cosine"), qp, gp, qc, gc,
+                        fprs=VERIFICATION_FPRS)
+    for entry in saved["verification"]:
+        tpr, threshold = direct[entry["fpr"]]
+        assert entry["tpr"] == pytest.approx(tpr) and entry["threshold"] == pytest.approx(threshold, abs=1e-6)
     assert saved["sizes"]["query"] == len(data.query)
     assert saved["sizes"]["gallery"] == len(data.gallery)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

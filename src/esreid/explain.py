@@ -131,10 +131,11 @@ def protocol_matches(query: Record, gallery: Sequence[Record], distances: np.nda
                      top_k: int) -> list[int]:
     """The ``top_k`` gallery indices of a query's ranking under the Market protocol (junk and
     same-identity same-camera images left out), ties broken by gallery index."""
-    valid = [j for j in np.argsort(distances, kind="stable")
-             if gallery[j].pid != -1 and not (gallery[j].pid == query.pid
-                                             and gallery[j].camid == query.camid)]
-    return valid[:top_k]
+    from esreid.metrics.ranking import MarketGallery
+
+    protocol = MarketGallery(np.array([g.pid for g in gallery]), np.array([g.camid for g in gallery]))
+    order = np.argsort(distances, kind="stable")
+    return [int(j) for j in order[protocol.valid_mask(query.pid, query.camid)[order]][:top_k]]
 
 
 def explain_queries(cfg: Config, checkpoint: Path, ckpt: dict | None = None, num_queries: int = 4,

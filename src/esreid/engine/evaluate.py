@@ -15,12 +15,18 @@ from esreid.data.loader import BadImageLog, build_test_loader
 from esreid.data.records import ReIDData
 from esreid.engine.features import extract_features
 from esreid.metrics import (
+    NoPairsError,
     compute_distance,
     evaluate_features,
     evaluate_rank,
     evaluate_vehicleid,
     k_reciprocal_rerank,
+    tpr_at_fpr,
+    tpr_at_fpr_features,
 )
+
+#: False-positive rates at which evaluation reports the verification TPR and threshold.
+VERIFICATION_FPRS = (1e-4, 1e-3, 1e-2)
 
 log = logging.getLogger("esreid.eval")
 
@@ -92,18 +98,34 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         if features_out is not None:
             features_out.update(query=qf, gallery=gf)
         q_cams, g_cams = camera_filter_labels(q_cams, g_cams)
+        labels = (q_pids, g_pids, q_cams, g_cams)
         if cfg.eval.rerank:
             dist = k_reciprocal_rerank(qf.numpy(), gf.numpy(), k1=cfg.eval.k1, k2=cfg.eval.k2,
                                        lambda_value=cfg.eval.lambda_value, metric=cfg.eval.metric)
-            res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
         elif len(qf) * len(gf) > 50_000_000:
-            # MSMT17-sized: never hold the whole distance matrix.
-            res = evaluate_features(qf.numpy(), gf.numpy(), q_pids, g_pids, q_cams, g_cams,
-                                    metric=cfg.eval.metric)
+            dist = None  # MSMT17-sized: never hold the whole distance matrix
         else:
             dist = compute_distance(qf, gf, metric=cfg.eval.metric)
-            res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
+        if dist is None:
+            res = evaluate_features(qf.numpy(), gf.numpy(), *labels, metric=cfg.eval.metric)
+        else:
+            res = evaluate_rank(dist, *labels)
+        try:
+            if dist is None:
+                verification = tpr_at_fpr_features(qf.numpy(), gf.numpy(), *labels,
+                                                   metric=cfg.eval.metric, fprs=VERIFICATION_FPRS)
+            else:
+                verification = tpr_at_fpr(dist, *labels, fprs=VERIFICATION_FPRS)
+        except NoPairsError as err:  # e.g. a gallery of the query identities only
+            log.warning("no verification figures: %s", err)
+            verification = {}
         metrics = res.to_dict()
+        for fpr, (tpr, _) in verification.items():
+            metrics[f"TPR@FPR={fpr:g}"] = tpr
+        # Thresholds are distances under eval.metric (after re-ranking when it is on): a
+        # pair is "same identity" when its distance <= threshold.
+        result["verification"] = [{"fpr": fpr, "tpr": tpr, "threshold": threshold}
+                                  for fpr, (tpr, threshold) in verification.items()]
         result["sizes"] = {"query": len(qf), "gallery": len(gf),
                            "query_ids": int(len(np.unique(q_pids))),
                            "gallery_ids": int(len(np.unique(g_pids)))}
@@ -117,4 +139,5 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One line of the headline metrics as percentages."""
     keys = [k for k in ("rank1", "rank5", "rank10", "mAP", "mINP") if k in metrics]
+    keys += [k for k in metrics if k.startswith("TPR@")]
     return "  ".join(f"{k}={100 * metrics[k]:.1f}%" for k in keys)

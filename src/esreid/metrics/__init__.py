@@ -7,7 +7,7 @@ from esreid.metrics.ranking import RankResult, evaluate_features, evaluate_rank
 from esreid.metrics.report import build_report, load_results, write_results
 from esreid.metrics.rerank import k_reciprocal_rerank
 from esreid.metrics.vehicleid import evaluate_vehicleid, vehicleid_draw
-from esreid.metrics.verification import tpr_at_fpr, tpr_at_fpr_features
+from esreid.metrics.verification import NoPairsError, tpr_at_fpr, tpr_at_fpr_features
 
 __all__ = [
     "RankResult",
@@ -18,6 +18,7 @@ __all__ = [
     "evaluate_vehicleid",
     "k_reciprocal_rerank",
     "load_results",
+    "NoPairsError",
     "tpr_at_fpr",
     "tpr_at_fpr_features",
     "vehicleid_draw",

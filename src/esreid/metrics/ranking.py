@@ -93,8 +93,9 @@ def _check_lengths(nq: int, ng: int, labels: dict[str, np.ndarray]) -> None:
             raise ValueError(f"{name} has {len(arr)} entries but there are {expected} {side}")
 
 
-class _GalleryIndex:
-    """Gallery items grouped by identity, plus the junk columns, for per-query look-ups."""
+class MarketGallery:
+    """The Market protocol's view of a gallery: items grouped by identity plus the junk
+    columns, for per-query look-ups (evaluation, verification and explanations share it)."""
 
     def __init__(self, g_pids: np.ndarray, g_camids: np.ndarray) -> None:
         self.g_camids = g_camids
@@ -123,8 +124,16 @@ class _GalleryIndex:
         same_cam = self.g_camids[grp] == cam
         return grp[~same_cam], grp[same_cam]
 
+    def valid_mask(self, pid: int, cam: int) -> np.ndarray:
+        """Boolean mask of the gallery items a query of ``pid`` seen by ``cam`` is ranked
+        against: everything but junk and the query identity's same-camera items."""
+        mask = np.ones(len(self.g_camids), dtype=bool)
+        mask[self.junk] = False
+        mask[self.split(pid, cam)[1]] = False
+        return mask
 
-def _positive_ranks(d: np.ndarray, qpid: int, qcam: int, index: _GalleryIndex) -> np.ndarray | None:
+
+def _positive_ranks(d: np.ndarray, qpid: int, qcam: int, index: MarketGallery) -> np.ndarray | None:
     """Sorted 1-based ranks of one query's positives among its valid gallery items.
 
     ``d`` is the query's distance row. Returns None when the query has no valid positive.
@@ -161,7 +170,7 @@ class _Accumulator:
     skipped: int = 0
 
     def add_block(
-        self, block: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray, index: _GalleryIndex
+        self, block: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray, index: MarketGallery
     ) -> None:
         """Rank every query row of ``block`` and record its first-hit rank, AP and INP."""
         if block.dtype.kind not in "iuf":
@@ -296,7 +305,7 @@ def _evaluate_blocks(
     nq: int,
 ) -> RankResult:
     """Run the per-query ranking over row blocks and fold the result."""
-    index = _GalleryIndex(labels["g_pids"], labels["g_camids"])
+    index = MarketGallery(labels["g_pids"], labels["g_camids"])
     acc = _Accumulator(first=[], ap=[], inp=[])
     for start, block in blocks:
         stop = start + block.shape[0]

@@ -2,7 +2,7 @@
 
 Every query-gallery pair of the Market protocol is one verification trial: gallery junk
 (pid -1) and same-identity-same-camera pairs are left out (the pairs CMC/mAP ignore, see
-``_GalleryIndex.split``), and so are all pairs of a junk query. Same identity = positive,
+``MarketGallery.split``), and so are all pairs of a junk query. Same identity = positive,
 different identity = negative (pid 0 distractors are negatives). A pair is accepted when its
 distance is <= the threshold.
 
@@ -30,15 +30,19 @@ from esreid.metrics.distance import ArrayLike, check_chunk_size, check_metric, d
 from esreid.metrics.ranking import (
     JUNK_PID,
     Labels,
+    MarketGallery,
     _check_lengths,
     _distmat_blocks,
-    _GalleryIndex,
     _labels,
 )
 
 DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
 _NUMBER = (int, float, np.integer, np.floating)
 
+
+
+class NoPairsError(ValueError):
+    """The labels give no positive or no negative pair, so TPR or FPR is undefined."""
 
 def _check_fprs(fprs: Iterable[float]) -> list[float]:
     """Target FPRs as floats, each in (0, 1]; ValueError otherwise."""
@@ -80,7 +84,7 @@ class _TprAtFpr:
 
     def __init__(self, labels: dict[str, np.ndarray], fprs: list[float]) -> None:
         self.q_pids, self.q_camids = labels["q_pids"], labels["q_camids"]
-        self.index = _GalleryIndex(labels["g_pids"], labels["g_camids"])
+        self.index = MarketGallery(labels["g_pids"], labels["g_camids"])
         self.fprs = fprs
         num_valid = len(labels["g_pids"]) - len(self.index.junk)
         self.num_pos = self.num_neg = 0
@@ -91,12 +95,12 @@ class _TprAtFpr:
             self.num_pos += pos.size
             self.num_neg += num_valid - pos.size - same_cam.size
         if self.num_pos == 0:
-            raise ValueError(
+            raise NoPairsError(
                 "no positive pairs: no query shares its pid with a non-junk gallery item from "
                 "another camera, so TPR is undefined; check that query and gallery pids overlap"
             )
         if self.num_neg == 0:
-            raise ValueError(
+            raise NoPairsError(
                 "no negative pairs: every valid query-gallery pair has the same identity, "
                 "so FPR is undefined; the gallery needs other identities or distractors (pid 0)"
             )
