@@ -1,0 +1,144 @@
+"""Exact distances for a few gallery rows, and how far a float32 scan's scores can be from them.
+
+Search ranks with the distances :func:`esreid.metrics.compute_distance` defines (cosine:
+``1 - cos`` after L2-normalising with ``F.normalize``'s ``max(norm, 1e-12)``, so an all-zero
+vector has similarity 0; euclidean: the plain L2 distance). A scan of the whole gallery
+(faiss, or one BLAS matrix product) runs in float32 with a summation order, and so a
+rounding, of its own, which can swap near-ties. The index therefore uses the scan only to
+find candidates, recomputes their distances here in float64 (rounded once to float32, so
+duplicated rows give identical distances wherever they sit) and checks with
+:func:`scan_error_bound` that no row the scan left out can belong in the top k.
+
+Values come in two forms: a *key* (float64; cosine: ``1 - cos``; euclidean: the squared
+distance) in which the bounds are expressed, and the reported float32 *distance*.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: The metrics of :mod:`esreid.metrics.distance`, named here so that search never imports
+#: torch (a search server holding descriptors needs neither it nor its memory).
+METRICS = ("euclidean", "cosine")
+#: ``F.normalize``'s floor on the norm: vectors shorter than this are divided by it instead.
+NORM_EPS = 1e-12
+#: Unit roundoff of float32.
+UNIT_ROUNDOFF = 2.0 ** -24
+#: Rows converted to float64 at a time, so a wide candidate set or a large batch added never
+#: needs a float64 copy of itself (64 MB at most for 4096-d descriptors).
+CHUNK_ROWS = 2048
+
+
+def check_metric(metric: str) -> str:
+    """Return ``metric`` if it is a supported distance name, else raise ValueError naming it."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return metric
+
+
+def gamma(n: int) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: a float32 sum or dot product of ``n`` terms,
+    in any summation order, is within ``gamma_n * sum(|terms|)`` of the exact value."""
+    nu = n * UNIT_ROUNDOFF
+    if nu >= 0.5:
+        raise ValueError(f"descriptors of {n} dimensions are too long for a float32 error bound")
+    return nu / (1.0 - nu)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms of the rows of ``x``, in float64 (computed row by row with the same loop,
+    so equal rows get bit-identical norms)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", x64, x64))
+
+
+def normalize64(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` divided by ``max(norm, 1e-12)``, in float64 (``F.normalize``'s rule)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return x64 / np.maximum(row_norms(x64), NORM_EPS)[:, None]
+
+
+def faiss_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+    """The float32 rows faiss holds for ``x``: normalised (in float64, then rounded) for
+    cosine, where faiss ranks by inner product, and ``x`` itself for euclidean."""
+    check_metric(metric)
+    x = np.asarray(x, dtype=np.float32)
+    if metric == "euclidean":
+        return np.ascontiguousarray(x)
+    out = np.empty(x.shape, dtype=np.float32)
+    for start in range(0, x.shape[0], CHUNK_ROWS):
+        out[start:start + CHUNK_ROWS] = normalize64(x[start:start + CHUNK_ROWS])
+    return out
+
+
+def exact_keys(query: np.ndarray, rows: np.ndarray, metric: str) -> np.ndarray:
+    """Keys (float64: ``1 - cos`` or the squared L2 distance) of one query ``[D]`` against
+    ``rows`` ``[C, D]``, computed in float64 one row at a time with the same loop."""
+    q64 = np.asarray(query, dtype=np.float64)
+    if metric == "cosine":
+        q64 = q64 / max(float(np.sqrt(np.dot(q64, q64))), NORM_EPS)
+    out = np.empty(rows.shape[0], dtype=np.float64)
+    for start in range(0, rows.shape[0], CHUNK_ROWS):
+        chunk = rows[start:start + CHUNK_ROWS]
+        if metric == "cosine":
+            # einsum, not BLAS: BLAS kernels treat the last few rows of a block differently,
+            # which could give two equal rows distances one float32 step apart.
+            out[start:start + chunk.shape[0]] = 1.0 - np.einsum("ij,j->i", normalize64(chunk), q64)
+        else:
+            diff = np.asarray(chunk, dtype=np.float64) - q64
+            out[start:start + chunk.shape[0]] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
+def keys_to_distances(keys: np.ndarray, metric: str) -> np.ndarray:
+    """Reported float32 distances for float64 keys (the square root for euclidean)."""
+    if metric == "cosine":
+        return keys.astype(np.float32)
+    return np.sqrt(np.maximum(keys, 0.0)).astype(np.float32)
+
+
+def faiss_keys(scores: np.ndarray, metric: str) -> np.ndarray:
+    """faiss's float32 results as keys: inner products become ``1 - ip``; squared L2
+    distances stay as they are."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return 1.0 - scores if metric == "cosine" else scores
+
+
+def scan_keys(queries: np.ndarray, rows: np.ndarray, row_norms64: np.ndarray, metric: str
+              ) -> np.ndarray:
+    """Approximate keys ``[Q, N]`` (float64) of float32 queries against float32 ``rows`` with
+    one float32 matrix product (BLAS) and the rows' float64 norms: no normalised copy of
+    the rows is needed. Within :func:`scan_error_bound` of :func:`exact_keys`."""
+    if metric == "cosine":
+        dots = faiss_vectors(queries, metric) @ rows.T
+        return 1.0 - dots / np.maximum(row_norms64, NORM_EPS)
+    dots = queries @ rows.T
+    q_sq = row_norms(queries) ** 2
+    return (row_norms64 ** 2)[None, :] + q_sq[:, None] - 2.0 * dots
+
+
+def scan_error_bound(metric: str, dim: int, query_norm: float, max_row_norm: float) -> float:
+    """The largest possible gap between a float32 scan's key for a gallery row and the exact
+    key, whatever the summation order (faiss's SIMD loops, BLAS).
+
+    Cosine: an inner product in float32 of a float32 unit query with float32 unit rows
+    (faiss) or with the raw rows then divided by their float64 norms (the numpy scan): each
+    unit vector is within one rounding of the exact one (``2u`` on a product), and the sum
+    within ``gamma_D`` since ``sum |q_i g_i| <= 1``. Euclidean: summing squared differences
+    and ``|q|^2 + |g|^2 - 2 q.g`` both stay within ``gamma_(D+3) (|q| + |g|)^2``;
+    ``max_row_norm`` bounds ``|g|`` for the rows the scan did not return.
+    """
+    tiny = 1e-30  # float32 underflow, negligible but not zero
+    if metric == "cosine":
+        return gamma(dim) * (1.0 + 4 * UNIT_ROUNDOFF) + 3 * UNIT_ROUNDOFF + tiny
+    # The norms themselves were rounded once more; 1e-6 covers it with room to spare.
+    scale = (query_norm + max_row_norm) * (1.0 + 1e-6)
+    return gamma(dim + 3) * scale * scale + tiny
+
+
+def key_slack(key: float, metric: str) -> float:
+    """How much larger than ``key`` a key must be to round to a strictly larger float32
+    distance, with room for the float64 rounding of the keys themselves."""
+    # 2^-19 relative is 4 float32 steps of the key (2 of a euclidean distance, its root).
+    absolute = 1e-11 if metric == "cosine" else 1e-30
+    return abs(key) * 2.0 ** -19 + absolute

@@ -1,0 +1,293 @@
+"""Building a gallery index from a folder of images: finding the images, their identity
+labels (sub-folder names or a CSV), embedding them, and the verification threshold an
+evaluation's results file recommends."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from esreid.search.index import GalleryIndex, IndexMismatchError
+
+logger = logging.getLogger("esreid")
+
+#: File name endings (compared case-insensitively) taken as images.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff",
+                              ".gif", ".ppm", ".pgm"})
+
+
+class Embedder(Protocol):
+    """What building an index needs of a model (:class:`esreid.inference.ReIDModel` is one)."""
+
+    identity: str
+    metric: str
+
+    @property
+    def descriptor_dim(self) -> int: ...
+
+    def embed_files(self, paths: Sequence[str | os.PathLike], progress: bool | None = None
+                    ) -> tuple[Any, list[str], list[tuple[str, str]]]: ...
+
+
+def _folder(path: str | os.PathLike) -> Path:
+    folder = Path(os.path.expandvars(os.fspath(path))).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    return folder
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, recursively, sorted by path components.
+
+    Images are recognised by their extension (:data:`IMAGE_EXTENSIONS`, any case); names may
+    hold spaces or any Unicode. Symbolic links to folders are not followed (they could make
+    a cycle); a sub-folder that cannot be read is logged and skipped.
+    """
+    root = _folder(folder)
+
+    def unreadable(err: OSError) -> None:
+        logger.warning("skipping unreadable folder %s: %s", err.filename, err.strerror)
+
+    found = []
+    for dirpath, _, filenames in os.walk(root, onerror=unreadable):
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                path = Path(dirpath, name)
+                if path.is_file():
+                    found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def labels_from_folders(paths: Iterable[str | os.PathLike], root: str | os.PathLike
+                        ) -> list[str | None]:
+    """Each image's label: its folder relative to ``root`` ("alice", or "cam1/alice" deeper
+    down, always with "/"), or None for images directly in ``root``."""
+    root_path = Path(root)
+    labels = []
+    for p in paths:
+        try:
+            rel = Path(p).parent.relative_to(root_path)
+        except ValueError as exc:
+            raise ValueError(f"image {p} is not under {root_path}") from exc
+        labels.append(rel.as_posix() if rel.parts else None)
+    return labels
+
+
+def labels_from_csv(csv_path: str | os.PathLike) -> dict[str, str]:
+    """``{path: label}`` from a CSV with a header row naming columns ``path`` and ``label``
+    (others are ignored). Paths are as written (relative ones are relative to the image
+    folder). Raises ValueError naming the CSV, the line and the problem: a missing column,
+    a row with too few fields, an empty path or label, one path given two labels."""
+    path = Path(os.path.expandvars(os.fspath(csv_path))).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"labels CSV not found: {path}")
+    labels: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path}: empty file; expected a header row 'path,label'")
+            names = [h.strip().lower() for h in header]
+            missing = [c for c in ("path", "label") if c not in names]
+            if missing:
+                raise ValueError(f"{path} line 1: the header lacks column(s) "
+                                 f"{', '.join(missing)}; expected a header row 'path,label', "
+                                 f"got {','.join(header)!r}")
+            col_path, col_label = names.index("path"), names.index("label")
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) <= max(col_path, col_label):
+                    raise ValueError(f"{path} line {line}: {len(row)} field(s), expected at "
+                                     f"least {max(col_path, col_label) + 1} (path,label)")
+                image, label = row[col_path].strip(), row[col_label].strip()
+                if not image:
+                    raise ValueError(f"{path} line {line}: empty path")
+                if not label:
+                    raise ValueError(f"{path} line {line}: empty label for {image!r}")
+                if image in labels and labels[image] != label:
+                    raise ValueError(f"{path} line {line}: {image!r} is labelled {label!r} "
+                                     f"but line {first_line[image]} labels it {labels[image]!r}")
+                labels.setdefault(image, label)
+                first_line.setdefault(image, line)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise ValueError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from exc
+    return labels
+
+
+def _labels_for(images: list[Path], folder: Path, labels_csv: str | os.PathLike | None
+                ) -> list[str | None]:
+    """Labels of ``images``: from the CSV (images it does not name get None) or folders."""
+    if labels_csv is None:
+        return labels_from_folders(images, folder)
+    table = labels_from_csv(labels_csv)
+    by_path = {os.path.normpath(p): p for p in map(str, images)}
+    labels: dict[str, str] = {}
+    unknown = []
+    for name, label in table.items():
+        key = os.path.normpath(name if os.path.isabs(name) else os.path.join(folder, name))
+        if key in by_path:
+            labels[by_path[key]] = label
+        else:
+            unknown.append(name)
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise ValueError(f"{labels_csv}: {len(unknown)} image(s) not found under {folder}: "
+                         f"{shown}")
+    return [labels.get(str(p)) for p in images]
+
+
+def _check_model(index: GalleryIndex, model: Embedder) -> None:
+    index.check_model(model.identity, "the new images")
+    if model.metric != index.metric or int(model.descriptor_dim) != index.dim:
+        raise IndexMismatchError(
+            f"{index._where()} holds {index.dim}-d {index.metric} descriptors, but the model "
+            f"makes {model.descriptor_dim}-d {model.metric} ones")
+
+
+def _embed_into(index: GalleryIndex, model: Embedder, images: list[Path],
+                labels: list[str | None], progress: bool) -> list[tuple[str, str]]:
+    features, kept, failed = model.embed_files(images, progress=progress)
+    label_of = {str(p): label for p, label in zip(images, labels, strict=True)}
+    index.add(features, kept, [label_of[str(p)] for p in kept], model_id=model.identity)
+    for path, reason in failed:
+        logger.warning("skipped %s: %s", path, reason)
+    return failed
+
+
+def build_index(model: Embedder, images_dir: str | os.PathLike,
+                labels_csv: str | os.PathLike | None = None, kind: str = "flat",
+                threshold: float | None = None, threshold_source: dict[str, Any] | None = None,
+                progress: bool = True, **ann_params: int | None
+                ) -> tuple[GalleryIndex, list[tuple[str, str]]]:
+    """Embed every image under ``images_dir`` (see :func:`list_images`) with ``model`` into
+    a new index; returns ``(index, failed)``, ``failed`` listing ``(path, reason)`` for the
+    images that could not be read (skipped, never fatal).
+
+    Paths are stored absolute. Labels come from ``labels_csv`` (see :func:`labels_from_csv`)
+    or else from sub-folder names (:func:`labels_from_folders`). ``ann_params`` (``nlist``,
+    ``nprobe``) configure ``kind="ivf"``.
+    """
+    folder = _folder(images_dir).absolute()
+    images = list_images(folder)
+    if not images:
+        raise ValueError(f"no images found under {folder} (looked for "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
+    labels = _labels_for(images, folder, labels_csv)
+    index = GalleryIndex.create(model.identity, model.metric, int(model.descriptor_dim), kind,
+                                **ann_params)
+    index.set_threshold(threshold, threshold_source)
+    failed = _embed_into(index, model, images, labels, progress)
+    return index, failed
+
+
+def add_to_index(index: GalleryIndex, model: Embedder, images_dir: str | os.PathLike,
+                 labels_csv: str | os.PathLike | None = None, progress: bool = True
+                 ) -> list[tuple[str, str]]:
+    """Embed the images under ``images_dir`` that ``index`` does not hold yet and add them;
+    returns the ``(path, reason)`` of those that could not be read. The model must be the
+    one that built the index (:class:`IndexMismatchError` otherwise)."""
+    _check_model(index, model)
+    folder = _folder(images_dir).absolute()
+    images = list_images(folder)
+    labels = _labels_for(images, folder, labels_csv)
+    held = set(index.paths)
+    new = [(p, label) for p, label in zip(images, labels, strict=True) if str(p) not in held]
+    if len(new) < len(images):
+        logger.info("%d image(s) under %s are already in the index", len(images) - len(new), folder)
+    if not new:
+        return []
+    return _embed_into(index, model, [p for p, _ in new], [label for _, label in new], progress)
+
+
+#: The results file a run folder holds (esreid.metrics.report.RESULTS_NAME; not imported
+#: from there because esreid.metrics loads torch).
+RESULTS_NAME = "results.json"
+
+
+def _results_file(path: str | os.PathLike) -> Path:
+    given = Path(os.path.expandvars(os.fspath(path))).expanduser()
+    if given.is_dir():
+        target = given / RESULTS_NAME
+        if not target.is_file():
+            raise FileNotFoundError(f"no {RESULTS_NAME} in run folder {given}")
+        return target
+    if not given.is_file():
+        raise FileNotFoundError(f"results file not found: {given}")
+    return given
+
+
+def _read_results(where: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(where.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: malformed JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not a UTF-8 text file ({exc.reason})") from exc
+    if not isinstance(results, dict):
+        raise ValueError(f"{where}: not an esreid results file (a JSON object is expected)")
+    return results
+
+
+def threshold_from_results(path: str | os.PathLike, fpr: float, metric: str
+                           ) -> tuple[float, dict[str, Any]]:
+    """The verification threshold at false-positive rate ``fpr`` from an esreid results
+    file (or a run folder holding ``results.json``): ``(threshold, source)`` where
+    ``source`` is ``{"fpr", "tpr", "from", "run", "dataset"}``.
+
+    Raises ValueError naming the file when it has no verification section (re-run
+    ``esreid evaluate``), when its distance metric is not ``metric``, when its thresholds
+    are for re-ranked distances, or when no entry has this fpr (the message lists those
+    available).
+    """
+    where = _results_file(path)
+    results = _read_results(where)
+    entries = results.get("verification")
+    if not entries:
+        raise ValueError(f"{where}: no verification section (thresholds at fixed false-positive "
+                         "rates); re-run `esreid evaluate` on this run to compute them")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{where}: 'verification' must be a list of "
+                         "{\"fpr\", \"tpr\", \"threshold\"} objects")
+    used = results.get("metric")
+    if used is None:
+        raise ValueError(f"{where}: does not say which distance metric its thresholds use; "
+                         "re-run `esreid evaluate` to rewrite it")
+    if used != metric:
+        raise ValueError(f"{where}: its thresholds are {used} distances but the index uses "
+                         f"{metric}; evaluate with eval.metric={metric}")
+    if results.get("rerank"):
+        raise ValueError(f"{where}: its thresholds are for re-ranked distances, which index "
+                         "search does not use; take them from the results without re-ranking")
+    fpr = float(fpr)
+    available = []
+    for entry in entries:
+        value = entry.get("fpr")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: verification entry {entry!r} has no numeric fpr")
+        available.append(value)
+        if math.isclose(value, fpr, rel_tol=1e-9, abs_tol=0.0):
+            threshold = entry.get("threshold")
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                    or not math.isfinite(threshold):
+                raise ValueError(f"{where}: the threshold at fpr {value:g} is {threshold!r}, "
+                                 "not a finite number")
+            source = {"fpr": value, "tpr": entry.get("tpr"), "from": str(where),
+                      "run": results.get("run"), "dataset": results.get("dataset")}
+            return float(threshold), source
+    listed = ", ".join(f"{v:g}" for v in available)
+    raise ValueError(f"{where}: no verification threshold at fpr {fpr:g}; available: {listed}")
