@@ -273,3 +273,19 @@ def write_custom_csv(parent: Path, header: bool, name: str = "data.csv") -> Path
     csv_path = parent / name
     csv_path.write_text("\n".join(lines) + "\n")
     return csv_path
+
+
+def break_image(path: Path, how: str = "empty") -> Path:
+    """Make the image at ``path`` unreadable, as interrupted copies and downloads leave them.
+
+    ``how``: ``"empty"`` (a 0-byte file) or ``"truncated"`` (the first half of a valid JPEG,
+    so the header parses and decoding fails). Returns ``path``.
+    """
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        data = _jpeg_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        raise ValueError(f"break_image: how must be 'empty' or 'truncated', got {how!r}")
+    return path

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixture_trees import break_image, write_market1501
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from esreid.data.datasets import load_market1501
 from esreid.data.loader import (
+    BadImageLog,
     ImageDataset,
     ImageReadError,
     build_test_loader,
     build_train_loader,
     read_rgb,
+    worker_init,
 )
 from esreid.data.records import Record
 from esreid.data.samplers import EpochIndex, PKSampler
@@ -127,8 +139,8 @@ def test_dataset_items_and_rgb_conversion(tmp_path: Path, records: list[Record])
     recs = [*records, Record(path=str(gray), pid=7, camid=3)]
     dataset = ImageDataset(recs, build_transforms(16, 8, is_train=False))
     assert len(dataset) == 13
-    image, pid, camid, index = dataset[12]
-    assert (pid, camid, index) == (7, 3, 12)
+    image, pid, camid, index, bad = dataset[12]
+    assert (pid, camid, index, bad) == (7, 3, 12, ())
     assert image.shape == (3, 16, 8)
     expected = (100 / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(image[:, 0, 0], expected, atol=1e-6, rtol=0)
@@ -164,7 +176,8 @@ def test_missing_image_error_names_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- loaders
 
 
-def _collect(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _collect(loader) -> list[tuple]:
+    """Every batch of one pass: (images, pids, camids, indices, bad) tuples."""
     return [tuple(batch) for batch in loader]
 
 
@@ -175,7 +188,8 @@ def test_train_loader_pk_batches(records: list[Record]) -> None:
     # 3 identities x 2 chunks of 2 and J = 3: each batch takes one chunk of every identity.
     assert len(batches) == len(loader) == 2
     seen = []
-    for images, pids, camids, indices in batches:
+    for images, pids, camids, indices, bad in batches:
+        assert bad == ()
         assert images.shape == (6, 3, 16, 8) and images.dtype == torch.float32
         assert pids.dtype == torch.int64 and camids.dtype == torch.int64
         chunks = pids.view(3, 2)
@@ -191,7 +205,7 @@ def test_train_loader_normalisation_and_augmentation(records: list[Record]) -> N
     loader = build_train_loader(
         records, 16, 8, batch_size=4, num_instances=2, num_workers=0, flip_prob=1.0
     )
-    images, _, _, indices = next(iter(loader))
+    images, _, _, indices, _ = next(iter(loader))
     for image, idx in zip(images, indices.tolist(), strict=True):
         decoded = Image.open(records[idx].path).convert("RGB")
         torch.testing.assert_close(image, _normalised(decoded).flip(-1), atol=1e-6, rtol=0)
@@ -355,3 +369,271 @@ def test_loader_argument_errors(records: list[Record]) -> None:
         build_test_loader(records, 16, 8, num_workers=-1)
     with pytest.raises(ValueError, match="needs 4 identities per batch, but the data has only 3"):
         build_train_loader(records, 16, 8, batch_size=8, num_instances=2, num_workers=0)
+
+
+# ---------------------------------------------------------------- unreadable images
+
+
+@pytest.fixture()
+def market_with_broken_image(tmp_path: Path) -> tuple[list[Record], list[Record], Path]:
+    """The fixture Market-1501 tree (train 3 ids x 2 images, gallery 5 images) with one
+    training and one gallery image emptied, as an interrupted copy leaves them."""
+    write_market1501(tmp_path)
+    data = load_market1501(tmp_path, check_stats=False)
+    bad_train = break_image(Path(data.train[2].path), "empty")
+    break_image(Path(data.gallery[1].path), "truncated")
+    return list(data.train), list(data.gallery), bad_train
+
+
+def _first_error(loader: DataLoader) -> ImageReadError:
+    """The ImageReadError raised by iterating ``loader`` (which must raise one)."""
+    try:
+        for _ in loader:
+            pass
+    except ImageReadError as err:
+        # The traceback's frames hold the iterator in a reference cycle; dropping them lets
+        # it stop its workers now instead of at a later garbage collection (slow in torch).
+        err.__traceback__ = None
+        return err
+    raise AssertionError("the loader raised no ImageReadError")
+
+
+@pytest.mark.parametrize("split", ["train", "gallery"])
+def test_worker_error_is_the_same_one_line_message(
+    market_with_broken_image: tuple[list[Record], list[Record], Path], split: str
+) -> None:
+    train, gallery, _ = market_with_broken_image
+
+    def loader(num_workers: int) -> DataLoader:
+        if split == "train":
+            # 3 ids x 2 images per batch: the one batch of the epoch holds every image.
+            return build_train_loader(train, 16, 8, batch_size=6, num_instances=2,
+                                      num_workers=num_workers)
+        return build_test_loader(gallery, 16, 8, batch_size=2, num_workers=num_workers)
+
+    in_process = str(_first_error(loader(0)))
+    in_worker = _first_error(loader(1))
+    bad = train[2].path if split == "train" else gallery[1].path
+    assert in_process.startswith(f"cannot read image {bad}: ")
+    # Without the fix torch's re-raise carries the worker's whole traceback:
+    # "Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback ...".
+    assert str(in_worker) == in_process
+    assert "\n" not in str(in_worker)
+    assert in_worker.args == (in_process,)
+
+
+def test_image_read_error_keeps_a_plain_message() -> None:
+    err = ImageReadError("cannot read image a.jpg: file not found")
+    assert str(err) == "cannot read image a.jpg: file not found"
+    assert isinstance(err, OSError)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda recs: ImageDataset(recs, None, on_bad_image="ignore"),
+        lambda recs: build_train_loader(recs, 16, 8, num_workers=0, on_bad_image="ignore"),
+        lambda recs: build_test_loader(recs, 16, 8, num_workers=0, on_bad_image="ignore"),
+    ],
+)
+def test_on_bad_image_must_be_error_or_skip(records: list[Record], build) -> None:
+    with pytest.raises(ValueError, match="on_bad_image must be 'error' or 'skip', got 'ignore'"):
+        build(records)
+
+
+def test_dataset_skip_replaces_with_next_image_of_the_same_identity(
+    records: list[Record],
+) -> None:
+    # records: pid p holds indices 4p .. 4p+3.
+    for i in (5, 6, 11):
+        break_image(Path(records[i].path))
+    transform = build_transforms(16, 8, is_train=False)
+    dataset = ImageDataset(records, transform, on_bad_image="skip", replace_bad=True)
+    image, pid, camid, index, bad = dataset[5]
+    # Two bad images in a row are both skipped and both reported.
+    assert (pid, camid, index, bad) == (1, records[7].camid, 7, (records[5].path, records[6].path))
+    torch.testing.assert_close(image, transform(read_rgb(records[7].path)))
+    # The search wraps around to the identity's first record.
+    assert dataset[11][2:] == (records[8].camid, 8, (records[11].path,))
+    assert dataset[4][3:] == (4, ())
+    with pytest.raises(ImageReadError, match=re.escape(f"cannot read image {records[5].path}: ")):
+        ImageDataset(records, transform)[5]
+
+
+def test_train_loader_skip_keeps_pk_batches_and_reports_the_file(records: list[Record]) -> None:
+    bad_path = break_image(Path(records[5].path)).as_posix()
+    epochs = {}
+    for num_workers in (0, 1):
+        loader = build_train_loader(records, 16, 8, batch_size=6, num_instances=2,
+                                    num_workers=num_workers, seed=1, on_bad_image="skip")
+        batches = []
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)
+            batches += _collect(loader)
+        epochs[num_workers] = batches
+    reported = 0
+    for images, pids, camids, indices, bad in epochs[0]:
+        assert images.shape == (6, 3, 16, 8)
+        chunks = pids.view(3, 2)
+        assert (chunks[:, 0] == chunks[:, 1]).all()
+        assert 5 not in indices.tolist()
+        for i, idx in enumerate(indices.tolist()):
+            assert records[idx].pid == pids[i] and records[idx].camid == camids[i]
+        assert set(bad) <= {bad_path}
+        reported += len(bad)
+    # Each epoch draws every image of pid 1 once (4 images, chunks of 2, no drops).
+    assert reported == 3
+    for a, b in zip(epochs[0], epochs[1], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4], strict=True)) and a[4] == b[4]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_train_loader_skip_fails_when_an_identity_has_no_readable_image(
+    records: list[Record], num_workers: int
+) -> None:
+    for i in range(8, 12):
+        break_image(Path(records[i].path))
+    loader = build_train_loader(records, 16, 8, batch_size=6, num_instances=2,
+                                num_workers=num_workers, on_bad_image="skip")
+    message = str(_first_error(loader))
+    assert "\n" not in message
+    assert message.startswith("cannot read any of the 4 image(s) of identity 2 (pid 2), so no "
+                              "image can stand in for ")
+    assert re.search(r"first error: cannot read image \S+0002_c\d_\d\.jpg: ", message)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_test_loader_skip_drops_bad_items(records: list[Record], num_workers: int) -> None:
+    for i in (1, 7):
+        break_image(Path(records[i].path), "truncated")
+    loader = build_test_loader(records, 16, 8, batch_size=5, num_workers=num_workers,
+                               on_bad_image="skip")
+    batches = _collect(loader)
+    assert [len(b[3]) for b in batches] == [4, 4, 2]
+    assert [b[4] for b in batches] == [(records[1].path,), (records[7].path,), ()]
+    indices = torch.cat([b[3] for b in batches]).tolist()
+    assert indices == [0, 2, 3, 4, 5, 6, 8, 9, 10, 11]
+    assert torch.cat([b[1] for b in batches]).tolist() == [records[i].pid for i in indices]
+    assert torch.cat([b[2] for b in batches]).tolist() == [records[i].camid for i in indices]
+    plain = build_transforms(16, 8, is_train=False)
+    expected = torch.stack([plain(read_rgb(records[i].path)) for i in indices])
+    torch.testing.assert_close(torch.cat([b[0] for b in batches]), expected)
+
+
+def test_test_loader_skip_batch_with_only_bad_images_is_empty(records: list[Record]) -> None:
+    for i in (2, 3):
+        break_image(Path(records[i].path))
+    loader = build_test_loader(records[:5], 16, 8, batch_size=2, num_workers=0,
+                               on_bad_image="skip")
+    images, pids, camids, indices, bad = _collect(loader)[1]
+    assert images.shape == (0, 3, 16, 8) and images.dtype == torch.float32
+    for t in (pids, camids, indices):
+        assert t.shape == (0,) and t.dtype == torch.int64
+    assert bad == (records[2].path, records[3].path)
+    assert [len(b[3]) for b in _collect(loader)] == [2, 0, 1]
+
+
+def test_bad_image_log_reports_each_file_once() -> None:
+    log = BadImageLog()
+    assert (log.count, log.paths) == (0, [])
+    assert log.update(("b.jpg", "a.jpg", "b.jpg")) == ["b.jpg", "a.jpg"]
+    assert log.update(()) == []
+    assert log.update(["a.jpg", "c.jpg"]) == ["c.jpg"]
+    assert log.count == 3
+    assert log.paths == ["b.jpg", "a.jpg", "c.jpg"]
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+class _SignalState(Dataset):
+    """In a worker: sends itself SIGINT and SIGTERM (a sender other than the parent, like a
+    terminal's Ctrl-C or a scheduler), then reports whether SIGINT is ignored. A worker
+    that does not survive the signals makes the DataLoader raise."""
+
+    def __init__(self, send: bool) -> None:
+        self.send = send
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> bool:
+        if self.send:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)
+        return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_workers_ignore_sigint_and_sigterm_from_others(records: list[Record]) -> None:
+    def ignored(dataset: Dataset, **kwargs) -> bool:
+        (batch,) = DataLoader(dataset, batch_size=None, num_workers=1, **kwargs)
+        return bool(batch)
+
+    assert ignored(_SignalState(send=True), worker_init_fn=worker_init)
+    # torch's default: a Ctrl-C would interrupt the worker mid-batch.
+    assert not ignored(_SignalState(send=False))
+    # The main process keeps its handlers.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    train = build_train_loader(records, 16, 8, batch_size=4, num_instances=2)
+    assert train.worker_init_fn is worker_init
+    assert build_test_loader(records, 16, 8).worker_init_fn is worker_init
+
+
+def _wait_for_signals(conn) -> None:
+    """Child process body: a worker's init, then signals from itself (not the parent)."""
+    worker_init(0)
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)
+    conn.send("alive")
+    time.sleep(60)
+
+
+def test_worker_obeys_sigterm_from_its_parent_only() -> None:
+    # torch stops a worker that missed its shutdown request with SIGTERM, and
+    # multiprocessing does the same at interpreter exit: ignoring the parent's SIGTERM too
+    # would hang the main process's exit.
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.Process(target=_wait_for_signals, args=(sender,), daemon=True)
+    child.start()
+    try:
+        assert receiver.poll(30) and receiver.recv() == "alive"
+        child.terminate()
+        child.join(30)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def test_process_with_running_loaders_exits_cleanly(tmp_path: Path) -> None:
+    # Workers left running at exit (persistent ones, mid-epoch) are stopped in order, not by
+    # multiprocessing's SIGTERM, which torch would report as "worker ... killed by signal".
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from PIL import Image
+        from esreid.data.loader import build_test_loader, build_train_loader
+        from esreid.data.records import Record
+
+        recs = []
+        for i in range(4):
+            path = {str(tmp_path)!r} + f"/{{i}}.png"
+            Image.fromarray(np.zeros((16, 8, 3), np.uint8)).save(path)
+            recs.append(Record(path, i // 2, i % 2))
+        train = build_train_loader(recs, 16, 8, batch_size=4, num_instances=2, num_workers=1)
+        for batch in train:
+            pass
+        running = iter(train)
+        next(running)
+        evaluating = iter(build_test_loader(recs, 16, 8, batch_size=1, num_workers=1))
+        next(evaluating)
+        print("done")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
