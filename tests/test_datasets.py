@@ -102,7 +102,7 @@ def test_market_published_statistics_warn_per_split(tmp_path):
         "market1501 query: found 2 identities / 2 images, published 750 / 3,368",
         "market1501 gallery: found 3 identities / 5 images, published 751 / 15,913",
     ]
-    assert str(record[0].message).endswith("pass check_stats=False to silence)")
+    assert str(record[0].message).endswith("pass check_stats=False to load_dataset to silence)")
 
     with pytest.warns(UserWarning) as record:
         load_dataset("market1501", tmp_path, keep_junk=True)
@@ -111,11 +111,26 @@ def test_market_published_statistics_warn_per_split(tmp_path):
     )
 
 
-def test_check_stats_false_is_silent(tmp_path):
-    write_market1501(tmp_path)
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("market1501", write_market1501),
+        ("dukemtmc", write_dukemtmc),
+        ("msmt17", write_msmt17),
+        ("veri776", write_veri776),
+        ("vehicleid", write_vehicleid),
+    ],
+)
+def test_the_option_the_statistics_warning_names_silences_it(tmp_path, name, write):
+    write(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        load_dataset(name, tmp_path)
+    hint = re.search(r"pass (\w+)=(\w+) to load_dataset to silence\)$", str(record[0].message))
+    assert hint is not None, str(record[0].message)
+    option = {hint.group(1): {"False": False, "True": True}[hint.group(2)]}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_dataset("market1501", tmp_path, check_stats=False)
+        load_dataset(name, tmp_path, **option)
 
 
 @pytest.mark.parametrize(
@@ -497,6 +512,49 @@ def test_custom_csv_bad_rows_name_file_and_line(tmp_path, row, message):
     csv_path.write_text(f"path,pid,camid\nimgs/0.jpg,5,0\n{row}\n")
     with pytest.raises(ValueError, match=re.escape(f"{csv_path}, {message}")):
         load_custom(csv_path)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("path,pid,split", "the header has no camid column; its columns are path, pid, split"),
+        ("Path,id,cam", "the header has no pid, camid columns; its columns are Path, id, cam"),
+        ("image,id,camera", "the header has no path, pid, camid columns; its columns are "
+                            "image, id, camera"),
+    ],
+)
+def test_custom_csv_header_missing_columns_is_one_line(tmp_path, header, message):
+    write_images(tmp_path / "imgs", ["0.jpg"])
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text(f"{header}\nimgs/0.jpg,5,0\n")
+    with pytest.raises(ValueError) as err:
+        load_custom(csv_path)
+    assert str(err.value) == f"{csv_path}: {message} (expected path,pid,camid[,split])"
+
+
+@pytest.mark.parametrize("header", ["path,camid,pid", "path,pid,camid,notes", "path,pid,pid,camid"])
+def test_custom_csv_header_columns_in_another_order_are_refused(tmp_path, header):
+    write_images(tmp_path / "imgs", ["0.jpg"])
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text(f"\n{header}\nimgs/0.jpg,5,0\n")
+    columns = header.replace(",", ", ")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{csv_path}: the header's columns are {columns}; expected exactly "
+            "path,pid,camid[,split], in this order"
+        ),
+    ):
+        load_custom(csv_path)
+
+
+def test_custom_csv_header_is_case_insensitive(tmp_path):
+    write_images(tmp_path / "imgs", ["0.jpg", "1.jpg"])
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("Path, PID, CamID, Split\nimgs/0.jpg,5,0\nimgs/1.jpg,5,1,query\n")
+    data = load_custom(csv_path)
+    assert [(r.orig_pid, r.camid) for r in data.train] == [(5, 0)]
+    assert [(r.pid, r.camid) for r in data.query] == [(5, 1)]
 
 
 def test_custom_csv_missing_image_and_misused_options(tmp_path):

@@ -213,7 +213,7 @@ def _check_stats(
             warnings.warn(
                 f"{dataset} {split}: found {got_ids:,} identities / {got_images:,} images, "
                 f"published {ids:,} / {images:,} (incomplete or modified copy? pass "
-                f"check_stats=False to silence)",
+                f"check_stats=False to load_dataset to silence)",
                 UserWarning,
                 stacklevel=_outside_stacklevel(),
             )
@@ -629,16 +629,52 @@ def _custom_folder(root: Path, cam_pattern: str | None) -> ReIDData:
     )
 
 
+_CSV_FORMAT = "path,pid,camid[,split]"
+_CSV_HEADERS = (["path", "pid", "camid"], ["path", "pid", "camid", "split"])
+
+
+def _is_csv_header(cells: Sequence[str]) -> bool:
+    """True when the first row of a custom CSV is a header: it names one of the columns, or
+    has no integer at all (every data row has an integer pid and camid)."""
+    names = {cell.lower() for cell in cells}
+    if names & {"path", "pid", "camid", "split"}:
+        return True
+    return not any(_INT_RE.fullmatch(cell) for cell in cells)
+
+
+def _check_csv_header(csv_path: Path, cells: Sequence[str]) -> None:
+    """Raise ValueError (one line naming the file, the missing columns and the columns the
+    header has) unless the header reads ``path,pid,camid[,split]``."""
+    names = [cell.lower() for cell in cells]
+    if names in _CSV_HEADERS:
+        return
+    has = ", ".join(cell or "(empty)" for cell in cells)
+    missing = [name for name in _CSV_HEADERS[0] if name not in names]
+    if missing:
+        raise ValueError(
+            f"{csv_path}: the header has no {', '.join(missing)} column"
+            f"{'s' if len(missing) > 1 else ''}; its columns are {has} (expected {_CSV_FORMAT})"
+        )
+    raise ValueError(
+        f"{csv_path}: the header's columns are {has}; expected exactly {_CSV_FORMAT}, "
+        f"in this order"
+    )
+
+
 def _custom_csv(csv_path: Path) -> ReIDData:
     """Load a ``path,pid,camid[,split]`` CSV; relative paths are relative to its folder."""
     entries: dict[str, list[Entry]] = {split: [] for split in SPLITS}
+    first = True
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         for lineno, row in enumerate(csv.reader(handle), start=1):
             cells = [cell.strip() for cell in row]
             if not any(cells):
                 continue
-            if lineno == 1 and [c.lower() for c in cells[:3]] == ["path", "pid", "camid"]:
-                continue
+            if first:
+                first = False
+                if _is_csv_header(cells):
+                    _check_csv_header(csv_path, cells)
+                    continue
             where = f"{csv_path}, line {lineno}"
             if len(cells) not in (3, 4):
                 raise ValueError(
