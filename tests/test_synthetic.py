@@ -5,7 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
+import stat
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from esreid.data import load_dataset, synthetic
 from esreid.data.synthetic import (
     CLOTH_COLORS,
     GENERATOR_VERSION,
@@ -22,6 +28,7 @@ from esreid.data.synthetic import (
     ensure_synthetic,
     generate_synthetic,
     render_image,
+    resolve_synthetic_root,
     sample_cameras,
     sample_identities,
 )
@@ -314,3 +321,178 @@ def test_every_varied_part_is_visible_in_the_image():
     first = draw(base, 0)
     assert first.shape == (128, 64, 3) and first.dtype == np.uint8
     assert np.array_equal(first, draw(base, 0))
+
+
+# ----------------------------------------------------------------------------- folders and modes
+
+TINY = {**SMALL, "num_ids": 4}
+
+
+@pytest.fixture()
+def umask():
+    """Set the process umask for one test (``umask(0o077)``); restore it afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    try:
+        yield os.umask
+    finally:
+        os.umask(previous)
+
+
+def _modes(out: Path) -> tuple[set[int], set[int]]:
+    """Permission bits of every folder (out included) and of every file under ``out``."""
+    dirs = {stat.S_IMODE(out.stat().st_mode)}
+    files = set()
+    for path in out.rglob("*"):
+        (dirs if path.is_dir() else files).add(stat.S_IMODE(path.stat().st_mode))
+    return dirs, files
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_new_folders_and_files_follow_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    out = tmp_path / "new" / "synth"
+    generate_synthetic(out, progress=False, **TINY)
+    assert _modes(out) == ({0o777 & ~mask}, {0o666 & ~mask})
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o777 & ~mask
+
+
+def test_an_existing_empty_folder_keeps_its_own_mode(tmp_path, umask):
+    umask(0o077)
+    out = tmp_path / "empty"
+    out.mkdir()
+    out.chmod(0o755)
+    summary = generate_synthetic(out, progress=False, **TINY)
+    assert (out / MANIFEST_NAME).is_file()
+    assert len(list((out / "bounding_box_train").iterdir())) == summary["counts"]["train"]
+    dirs, files = _modes(out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert dirs == {0o755, 0o700} and files == {0o600}
+    # Regenerating a generated folder also keeps the folder's mode.
+    out.chmod(0o750)
+    ensure_synthetic(out, progress=False, **{**TINY, "seed": 8})
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert json.loads((out / MANIFEST_NAME).read_text())["params"]["seed"] == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+def test_a_folder_filled_during_generation_is_not_replaced(tmp_path, monkeypatch):
+    out = tmp_path / "target"
+    out.mkdir()
+    real_summary = synthetic._summary
+
+    def summary_while_user_writes(*args):
+        (out / "notes.txt").write_text("written meanwhile")
+        return real_summary(*args)
+
+    monkeypatch.setattr(synthetic, "_summary", summary_while_user_writes)
+    with pytest.raises(FileExistsError, match=re.escape(f"out_dir {out} is a non-empty folder")):
+        generate_synthetic(out, progress=False, **TINY)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]
+
+
+def _interrupted_generation(out: Path) -> Path:
+    """Run a generation in another process, kill it while it writes; return its work folder."""
+    code = (
+        "import sys; from esreid.data.synthetic import generate_synthetic; "
+        "generate_synthetic(sys.argv[1], num_ids=400, height=64, width=32, progress=False)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            work = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+            if work and any((work[0] / "bounding_box_train").glob("*.jpg")):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the generation never started writing")
+    finally:
+        child.kill()
+        child.wait()
+    assert not out.exists()
+    return work[0]
+
+
+def test_work_folders_of_an_interrupted_generation_are_removed_at_the_next_start(tmp_path):
+    out = tmp_path / "synth"
+    stale = _interrupted_generation(out)
+    # The same name pattern for a process that is alive (this one) and for a foreign, fresh
+    # folder of unknown origin: possibly in use, so both are left alone.
+    live = stale.with_name(re.sub(r"-\d+-([0-9a-f]{8})$", rf"-{os.getpid()}-\1", stale.name))
+    live.mkdir()
+    unknown = tmp_path / f".{out.name}.tmp-k2x_9a"
+    unknown.mkdir()
+    old_unknown = tmp_path / f".{out.name}.old-zz1"
+    old_unknown.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_unknown, (two_days_ago, two_days_ago))
+    other = tmp_path / ".other.tmp-host-1-0123abcd"
+    other.mkdir()
+
+    generate_synthetic(out, progress=False, **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["synth", live.name, unknown.name, other.name]
+    )
+
+
+def test_refusal_names_the_folder_and_keeps_it(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "bounding_box_train").mkdir()
+    (foreign / "bounding_box_train" / "0001_c1s1_000001_00.jpg").write_bytes(b"mine")
+    for call in (generate_synthetic, ensure_synthetic):
+        with pytest.raises(FileExistsError) as err:
+            call(foreign, progress=False, **TINY)
+        assert str(err.value).startswith(f"out_dir {foreign} is a non-empty folder without a ")
+    assert (foreign / "bounding_box_train" / "0001_c1s1_000001_00.jpg").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+# ----------------------------------------------------------------------------- data roots
+
+
+def test_ensure_says_once_that_it_generates_and_where(tmp_path, caplog):
+    out = tmp_path / "data"
+    with caplog.at_level(logging.INFO, logger="esreid.data"):
+        ensure_synthetic(out, progress=False, **TINY)
+    lines = [r.getMessage() for r in caplog.records if "generating" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("generating the synthetic benchmark (")
+    assert lines[0].endswith(f"identities, seed 3) in {out}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="esreid.data"):
+        ensure_synthetic(out, progress=False, **TINY)
+    assert not [r for r in caplog.records if "generating" in r.getMessage()]
+
+
+def test_ensure_prints_the_line_when_logging_would_not_show_it(tmp_path, capsys, monkeypatch):
+    logger = logging.getLogger("esreid.data")
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "handlers", [])
+    ensure_synthetic(tmp_path / "data", progress=True, **TINY)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "generating" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"in {tmp_path / 'data'}")
+
+
+def test_resolve_synthetic_root_accepts_the_folder_or_its_parent(tmp_path):
+    root = tmp_path / "data"
+    assert resolve_synthetic_root(root) is None
+    root.mkdir()
+    (root / "market1501").mkdir()
+    assert resolve_synthetic_root(root) is None
+    generate_synthetic(root / "synthetic", progress=False, **TINY)
+    assert resolve_synthetic_root(root) == root / "synthetic"
+    assert resolve_synthetic_root(root / "synthetic") == root / "synthetic"
+    assert resolve_synthetic_root(str(root)) == root / "synthetic"
+    # load_dataset reads the same two forms.
+    assert len(load_dataset("synthetic", root).train) == len(
+        load_dataset("synthetic", root / "synthetic").train
+    )
+    # A synthetic.json this generator did not write is no benchmark.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MANIFEST_NAME).write_text(json.dumps({"generator": "someone else"}))
+    assert resolve_synthetic_root(other) is None

@@ -15,11 +15,15 @@ byte-identical files.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
+import socket
+import stat
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -40,6 +44,7 @@ __all__ = [
     "ensure_synthetic",
     "generate_synthetic",
     "render_image",
+    "resolve_synthetic_root",
     "sample_cameras",
     "sample_identities",
 ]
@@ -52,6 +57,11 @@ GENERATOR_VERSION = 1
 MANIFEST_NAME = "synthetic.json"
 _GENERATOR_NAME = "esreid.data.synthetic"
 _SPLIT_DIRS = ("bounding_box_train", "bounding_box_test", "query")
+#: Sub-folder name under which ``load_synthetic`` finds the benchmark inside a parent root.
+_FOLDER_NAME = "synthetic"
+# A work folder whose owner cannot be checked (another host, an unparsable name) is only
+# taken for abandoned after this long without change.
+_STALE_AFTER_S = 24 * 3600
 
 CLOTH_COLORS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 28),
@@ -916,23 +926,121 @@ def _check_target(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"out_dir {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and _read_manifest(out_dir) is None:
-        raise FileExistsError(
-            f"out_dir {out_dir} is a non-empty folder without a {MANIFEST_NAME} manifest; "
-            "refusing to overwrite data this generator did not write (choose another folder)"
-        )
+        raise _foreign_folder(out_dir)
+
+
+def _foreign_folder(out_dir: Path) -> FileExistsError:
+    """The error for a non-empty folder that is not a generated benchmark."""
+    return FileExistsError(
+        f"out_dir {out_dir} is a non-empty folder without a {MANIFEST_NAME} manifest; "
+        "refusing to overwrite data this generator did not write (choose another folder)"
+    )
+
+
+def _work_name(out_dir: Path, kind: str) -> Path:
+    """A fresh sibling of ``out_dir`` for a work folder (``kind`` "tmp" or "old").
+
+    The name carries this host and process id, so a later run can tell a folder abandoned
+    by a dead process (removed) from one a concurrent run is still writing (left alone).
+    """
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    return out_dir.with_name(f".{out_dir.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    """True unless no process ``pid`` exists on this host (a reused pid counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_work(out_dir: Path) -> list[Path]:
+    """Remove the work folders of ``out_dir`` that an interrupted generation left beside it.
+
+    One is stale when it was made on this host by a process that no longer exists, or when
+    it has not changed for a day (made on another host sharing the folder, or by an older
+    version without host and pid in its name). Returns the folders removed.
+    """
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(
+        rf"\.{re.escape(out_dir.name)}\.(?:tmp|old)-(?:(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}|.+)"
+    )
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    removed = []
+    for child in sorted(parent.iterdir()):
+        match = pattern.fullmatch(child.name)
+        if match is None or child.is_symlink() or not child.is_dir():
+            continue
+        if match.group("pid") is not None and match.group("host") == host:
+            stale = not _process_alive(int(match.group("pid")))
+        else:
+            try:
+                stale = time.time() - child.stat().st_mtime > _STALE_AFTER_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+            _LOG.info("removed %s, left by an interrupted generation", child)
+    return removed
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temporary folder into place, replacing an old generated one."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
+    """Move the finished work folder into place.
+
+    A new ``out_dir`` gets the mode its work folder was created with (0o777 less the umask);
+    an existing empty folder or previous generated benchmark is replaced by one with its
+    own permission bits. Anything else found at ``out_dir`` by now is left untouched.
+    """
+    if not out_dir.is_dir():
         os.replace(tmp, out_dir)
         return
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    os.chmod(tmp, stat.S_IMODE(out_dir.stat().st_mode))
+    if _read_manifest(out_dir) is None:
+        # Empty when checked at the start. rename() replaces an empty folder in one step and
+        # fails if files appeared in it meanwhile, so those are never touched.
+        try:
+            os.replace(tmp, out_dir)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise _foreign_folder(out_dir) from err
+            raise
+        return
+    old = _work_name(out_dir, "old")
     os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _announce(message: str, progress: bool) -> None:
+    """Log ``message`` on the ``esreid.data`` logger; with ``progress`` and no logging set up
+    to show it, print it to stderr instead, next to the progress bar."""
+    if _LOG.isEnabledFor(logging.INFO) and _LOG.hasHandlers():
+        _LOG.info(message)
+    elif progress:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        _LOG.info(message)
+
+
+def resolve_synthetic_root(root: str | os.PathLike) -> Path | None:
+    """The generated benchmark that ``root`` designates, or None when it holds none.
+
+    ``root`` may be the benchmark folder itself (it holds the ``synthetic.json`` manifest)
+    or its parent holding it as ``synthetic/``, the two forms ``load_dataset("synthetic",
+    root)`` reads. A manifest this module did not write does not count.
+    """
+    base = Path(os.path.expanduser(os.fspath(root)))
+    for candidate in (base, base / _FOLDER_NAME):
+        if _read_manifest(candidate) is not None:
+            return candidate
+    return None
 
 
 def _summary(specs: list[IdentitySpec], planned: list[tuple[_Job, int]], params: dict) -> dict:
@@ -988,8 +1096,13 @@ def generate_synthetic(
     images ``height`` x ``width``; ``occlusion_prob`` of images partly occluded;
     ``num_distractors`` (default ``num_ids``) pid-0000 and ``num_junk`` (default
     ``num_ids // 2``) pid-(-1) gallery images. The folder is built beside ``out_dir`` and
-    renamed into place, replacing a previous generated folder; a non-empty folder without a
-    manifest is refused (``FileExistsError``). The summary (also stored with all parameters
+    renamed into place, replacing an empty folder or a previous generated one (whose
+    permission bits it keeps); a non-empty folder without a manifest is refused
+    (``FileExistsError``) and never touched. Folders and files are created with the usual
+    modes (0o777 and 0o666 less the umask). Work folders left beside ``out_dir`` by an
+    interrupted generation are removed first. One line saying what is generated and where
+    goes to the ``esreid.data`` logger (to stderr when ``progress`` and logging would not
+    show it). The summary (also stored with all parameters
     and the generator version in ``synthetic.json``) has ``counts`` per split, ``ids`` per
     split, ``cameras``, ``families``, ``params``, ``version`` and ``path``.
     """
@@ -1009,11 +1122,19 @@ def generate_synthetic(
     out = Path(out_dir)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_work(out)
     start = time.perf_counter()
     specs, planned = _plan(params)
     cameras = sample_cameras(params["num_cams"], np.random.default_rng([params["seed"], 1]))
-    _LOG.info("generating synthetic re-ID benchmark: %d images into %s", len(planned), out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _announce(
+        f"generating the synthetic benchmark ({len(planned):,} images, {params['num_ids']} "
+        f"identities, seed {params['seed']}) in {os.path.abspath(out)}",
+        progress,
+    )
+    # mkdir (not mkdtemp, which makes 0o700 folders) so that the folder, like the files and
+    # sub-folders written into it, follows the user's umask and default ACLs.
+    tmp = _work_name(out, "tmp")
+    tmp.mkdir()
     try:
         for d in _SPLIT_DIRS:
             (tmp / d).mkdir()
@@ -1089,7 +1210,10 @@ def ensure_synthetic(out_dir: str | os.PathLike, progress: bool = True, **params
 
     If the folder's manifest has the same (resolved) parameters and generator version and its
     files are all there, nothing is written; otherwise the benchmark is (re)generated,
-    atomically replacing a stale generated folder. Unknown keywords raise ``TypeError``.
+    atomically replacing a stale generated folder, and one line says so and where (see
+    :func:`generate_synthetic`). Unknown keywords raise ``TypeError``. To use whatever
+    benchmark a data root already holds, directly or as ``synthetic/``, call
+    :func:`resolve_synthetic_root` first.
     """
     resolved = _resolve_params(**params)
     out = Path(out_dir)
