@@ -126,6 +126,7 @@ def test_the_option_the_statistics_warning_names_silences_it(tmp_path, name, wri
     with pytest.warns(UserWarning) as record:
         load_dataset(name, tmp_path)
     hint = re.search(r"pass (\w+)=(\w+) to load_dataset to silence\)$", str(record[0].message))
+    assert "set data.check_stats=false in the config" in str(record[0].message)
     assert hint is not None, str(record[0].message)
     option = {hint.group(1): {"False": False, "True": True}[hint.group(2)]}
     with warnings.catch_warnings():

@@ -11,6 +11,7 @@ import yaml
 from fixture_trees import write_market1501
 
 from esreid.cli import main
+from esreid.data import load_dataset
 from esreid.data.synthetic import generate_synthetic
 
 TINY = [
@@ -246,3 +247,56 @@ def test_explain_writes_into_the_run_folder(finished_run, tmp_path, capsys):
     assert main(["explain", "--checkpoint", str(run / "checkpoints" / "last.pt"),
                  "--queries", "1"]) == 0
     assert [p.name for p in (run / "explanations").iterdir()] == ["query00.png"]
+
+
+def _broken_copy(synth_root, tmp_path):
+    from fixture_trees import break_image
+
+    root = tmp_path / "synthetic"
+    shutil.copytree(synth_root, root)
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))[3]
+    gallery = [p for p in sorted((root / "bounding_box_test").glob("*.jpg"))
+               if not p.name.startswith(("-1", "0000"))][5]  # an identity's image, not junk
+    return root, break_image(train, "truncated"), break_image(gallery, "empty")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_stops_the_run_with_one_line(synth_root, tmp_path, capsys, workers):
+    root, train_image, _ = _broken_copy(synth_root, tmp_path)
+    assert main(["train", "--config", "esnet", "--set", *TINY, f"data.root={root}",
+                 f"data.num_workers={workers}", f"train.output_dir={tmp_path / 'runs'}",
+                 "optim.iters_per_epoch=100"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Original" not in err
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith(f"esreid train: error: cannot read image {train_image}: ")
+    assert lines[-1] == "(set ESREID_DEBUG=1 for the traceback)"
+
+
+def test_skipped_images_are_counted_in_metrics_and_results(synth_root, tmp_path):
+    root, train_image, gallery_image = _broken_copy(synth_root, tmp_path)
+    assert main(["train", "--config", "esnet", "--set", *TINY, f"data.root={root}",
+                 "data.on_bad_image=skip", f"train.output_dir={tmp_path / 'runs'}",
+                 "train.run_name=skip", "optim.iters_per_epoch=100"]) == 0
+    run = tmp_path / "runs" / "skip"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records if r["type"] == "train"] == [1, 1]
+    results = json.loads((run / "results.json").read_text())
+    assert results["skipped_images"] == {"train": 1, "test": 1, "test_paths": [str(gallery_image)]}
+    assert results["sizes"]["gallery"] == len(load_dataset("synthetic", root).gallery) - 1
+    log_text = (run / "log.txt").read_text()
+    assert log_text.count(f"skipped unreadable image {train_image}") == 1  # once, not per epoch
+    assert log_text.count(f"skipped unreadable image {gallery_image}") == 1
+
+
+def test_check_stats_key_silences_the_published_statistics_warning(tmp_path, recwarn):
+    from esreid.config import load_config
+    from esreid.engine.data import load_data
+
+    write_market1501(tmp_path)
+    load_data(load_config("esnet", ["data.name=market1501", f"data.root={tmp_path}"]))
+    assert any("data.check_stats=false" in str(w.message) for w in recwarn)
+    recwarn.clear()
+    load_data(load_config("esnet", ["data.name=market1501", f"data.root={tmp_path}",
+                                    "data.check_stats=false"]))
+    assert not [w for w in recwarn if "published" in str(w.message)]

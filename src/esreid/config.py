@@ -50,6 +50,9 @@ class DataConfig:
     # What a training run does with an image file it cannot read or decode: "error" stops the
     # run naming the file; "skip" leaves the image out and logs it (error | skip).
     on_bad_image: str = "error"
+    # Warn when a benchmark's split sizes differ from its published statistics (a partial
+    # or modified copy); false silences it.
+    check_stats: bool = True
 
 
 @dataclass
@@ -466,7 +469,8 @@ def save_config(cfg: Config, path: Path) -> None:
 # not what is trained. Any other difference (model, data, erase, loss, optimiser schedule,
 # seed) changes the experiment, and resuming with it needs --force.
 RESUME_FREE_KEYS = frozenset({
-    "name", "data.root", "data.num_workers", "data.on_bad_image", "optim.epochs",
+    "name", "data.root", "data.num_workers", "data.on_bad_image", "data.check_stats",
+    "optim.epochs",
     "train.device", "train.output_dir", "train.run_name", "train.checkpoint_every",
     "train.checkpoint_every_iters", "train.eval_every", "train.diagnose_erasing",
     "train.progress",

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -225,6 +226,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time of each record, so a
+    replaced stderr (a test's capture, a redirecting caller) never leaves it writing to a
+    closed stream."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_run_logging(run_dir: Path, name: str = "esreid") -> logging.Logger:
     """Log INFO lines of the ``esreid`` loggers to ``run_dir/log.txt`` and to stderr."""
     logger = logging.getLogger(name)
@@ -241,8 +256,8 @@ def setup_run_logging(run_dir: Path, name: str = "esreid") -> logging.Logger:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        sh = logging.StreamHandler()
+    if not any(type(h) is _StderrHandler for h in logger.handlers):
+        sh = _StderrHandler()
         sh.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(sh)
     logger.propagate = False

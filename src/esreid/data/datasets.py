@@ -212,8 +212,9 @@ def _check_stats(
         if (got_ids, got_images) != (ids, images):
             warnings.warn(
                 f"{dataset} {split}: found {got_ids:,} identities / {got_images:,} images, "
-                f"published {ids:,} / {images:,} (incomplete or modified copy? pass "
-                f"check_stats=False to load_dataset to silence)",
+                f"published {ids:,} / {images:,} (incomplete or modified copy? set "
+                f"data.check_stats=false in the config, or pass check_stats=False to "
+                f"load_dataset to silence)",
                 UserWarning,
                 stacklevel=_outside_stacklevel(),
             )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from esreid.config import Config, ConfigError
-from esreid.data import load_dataset
+from esreid.data import PUBLISHED_STATS, load_dataset
 from esreid.data.records import ReIDData
 
 log = logging.getLogger("esreid.data")
@@ -22,9 +22,9 @@ def load_data(cfg: Config) -> ReIDData:
     """
     name, root = cfg.data.name, Path(cfg.data.root).expanduser()
     if name == "synthetic":
-        from esreid.data.synthetic import MANIFEST_NAME, ensure_synthetic
+        from esreid.data.synthetic import ensure_synthetic, resolve_synthetic_root
 
-        found = next((c for c in (root, root / "synthetic") if (c / MANIFEST_NAME).is_file()), None)
+        found = resolve_synthetic_root(root)
         root = found if found is not None else ensure_synthetic(
             root, num_ids=cfg.data.synth_ids, seed=cfg.data.synth_seed)
     options: dict[str, Any] = {}
@@ -32,6 +32,8 @@ def load_data(cfg: Config) -> ReIDData:
         options["test_size"] = cfg.data.test_size
     if name == "custom" and cfg.data.cam_pattern:
         options["cam_pattern"] = cfg.data.cam_pattern
+    if name in PUBLISHED_STATS:
+        options["check_stats"] = cfg.data.check_stats
     return load_dataset(name, root, **options)
 
 

@@ -375,11 +375,10 @@ class Trainer:
         last_batch = None
         self._in_steps = True
         try:
-            for it, (images, pids, *rest) in enumerate(self.loader, start=first):
+            for it, (images, pids, _camids, _indices, bad) in enumerate(self.loader, start=first):
                 if it >= n_iters:
                     break
-                if len(rest) > 1:
-                    self._note_bad_images(rest[1])
+                self._note_bad_images(bad)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr_at(self.epoch + (it + 1) / n_iters)
                 images, pids = images.to(self.device, non_blocking=True), pids.to(self.device)
