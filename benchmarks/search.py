@@ -14,8 +14,9 @@ the largest gallery whose features plus faiss's copy fit in ``--memory-gb``
 * brute  -- a bare numpy brute force for comparison, as evaluation ranks: a normalised
             gallery copy (cosine), one matrix-vector product per query, argpartition for the
             top 10 and a stable sort of those; no exactness check.
-* ivf    -- ``kind="ivf"`` (faiss IndexIVFFlat, default nlist/nprobe unless given) at
-            ``--ivf-size``: build time, latency and recall@10 against exact search.
+* ivf    -- ``kind="ivf"`` (faiss IndexIVFFlat, default nlist unless given) at ``--ivf-size``:
+            build time, then latency and recall@10 against exact search for each
+            ``--nprobe`` (default: nlist/16, nlist/8 and the index's default nlist/4).
 
 Latency excludes embedding: queries are descriptors. Top-10 for every case; p50/p99 over
 ``--queries`` single-query searches after 5 warm-up ones. "agrees" says whether the case
@@ -153,13 +154,14 @@ def case_brute(n: int, dim: int, nq: int, metric: str) -> dict:
     return {"build_s": build, **summary(times), "tops": tops}
 
 
-def case_ivf(n: int, dim: int, nq: int, metric: str, nlist: int | None, nprobe: int | None) -> dict:
+def case_ivf(n: int, dim: int, nq: int, metric: str, nlist: int | None,
+             nprobes: list[int] | None) -> dict:
     from esreid.search import GalleryIndex, recall_at_k
     from esreid.search.index import default_nlist
 
     # The first batch added trains the lists: size them for the whole gallery.
     nlist = nlist or default_nlist(n)
-    index = GalleryIndex.create("bench", metric, dim, "ivf", nlist=nlist, nprobe=nprobe)
+    index = GalleryIndex.create("bench", metric, dim, "ivf", nlist=nlist)
     build = 0.0
     batch = max(CHUNK, 64 * nlist)
     pending = []
@@ -175,10 +177,12 @@ def case_ivf(n: int, dim: int, nq: int, metric: str, nlist: int | None, nprobe: 
         index.add(np.concatenate(pending), [""] * sum(len(c) for c in pending))
         build += time.perf_counter() - t0
     q = queries(n, dim, nq)
-    times, _ = latencies(lambda x: index.search_arrays(x, TOP_K)[0][0], q)
-    recall = recall_at_k(index, q, TOP_K)
-    return {"build_s": build, **summary(times), "recall": recall, "nlist": index.nlist,
-            "nprobe": index.nprobe}
+    runs = []
+    for nprobe in nprobes or [max(1, nlist // 16), max(1, nlist // 8), index.nprobe]:
+        index.nprobe = nprobe
+        times, _ = latencies(lambda x: index.search_arrays(x, TOP_K)[0][0], q)
+        runs.append({"nprobe": nprobe, **summary(times), "recall": recall_at_k(index, q, TOP_K)})
+    return {"build_s": build, "nlist": index.nlist, "runs": runs}
 
 
 def run_case(args: argparse.Namespace, case: str, n: int) -> dict:
@@ -188,7 +192,7 @@ def run_case(args: argparse.Namespace, case: str, n: int) -> dict:
     if args.nlist:
         cmd += ["--nlist", str(args.nlist)]
     if args.nprobe:
-        cmd += ["--nprobe", str(args.nprobe)]
+        cmd += ["--nprobe", *map(str, args.nprobe)]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -223,7 +227,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100, help="timed single queries per case")
     parser.add_argument("--ivf-size", type=int, default=100_000, help="0: skip the ivf case")
     parser.add_argument("--nlist", type=int, default=None)
-    parser.add_argument("--nprobe", type=int, default=None)
+    parser.add_argument("--nprobe", type=int, nargs="*", default=None)
     parser.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", nargs="*", default=[], choices=["flat", "numpy", "brute"],
@@ -244,7 +248,6 @@ def main() -> None:
              "brute": "bare numpy brute force"}
     rows = []
     for n in sizes:
-        gb = 2 * n * args.dim * 4 / GIB
         results = {}
         for case in cases:
             results[case] = run_case(args, case, n)
@@ -255,16 +258,18 @@ def main() -> None:
             res = results[case]
             agree = "-" if reference is None or "tops" not in res or case == "brute" \
                 else ("yes" if res["tops"] == reference else "NO")
-            rows.append((names[case], n, gb, res, agree))
+            copies = 1 if case == "numpy" else 2
+            rows.append((names[case], n, copies * n * args.dim * 4 / GIB, res, agree))
     if args.ivf_size > 0:
         ivf = run_case(args, "ivf", args.ivf_size)
         gb = 2 * args.ivf_size * args.dim * 4 / GIB
-        label = f"approximate, kind=ivf (nlist {ivf.get('nlist')}, nprobe {ivf.get('nprobe')})"
-        rows.append((label, args.ivf_size, gb, ivf, "-"))
         print(f"  ivf {args.ivf_size}: {json.dumps(ivf)}", flush=True)
+        for run in ivf.get("runs", [{"nprobe": "?"}]):
+            label = f"approximate, kind=ivf (nlist {ivf.get('nlist')}, nprobe {run['nprobe']})"
+            rows.append((label, args.ivf_size, gb, {**ivf, **run} if "error" not in ivf else ivf, "-"))
 
     print()
-    print("| search | gallery | features + faiss copy | add | p50 | p99 | peak RSS | "
+    print("| search | gallery | features (+ copy) | add | p50 | p99 | peak RSS | "
           "recall@10 | agrees | widened |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, n, gb, res, agree in rows:

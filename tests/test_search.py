@@ -651,3 +651,21 @@ def test_threshold_from_missing_or_malformed_results(tmp_path):
     bad.write_text("{", encoding="utf-8")
     with pytest.raises(ValueError, match="malformed JSON"):
         threshold_from_results(bad, 0.001, "cosine")
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+def test_features_added_in_pieces_of_every_size(tmp_path, monkeypatch, kind):
+    # Blocks of 5 rows: single rows fill and grow the last block, a batch of 12 gets a
+    # block of its own, and search, features and the saved file see one gallery.
+    monkeypatch.setattr(index_module, "BLOCK_BYTES", 5 * 4 * 6)
+    g, q = tricky_gallery(4, n=120, dim=6)
+    index = GalleryIndex.create("m", "euclidean", 6, kind)
+    for start, stop in [(0, 1), (1, 2), (2, 4), (4, 16), (16, 17), (17, 30), (30, 31), (31, 120)]:
+        index.add(g[start:stop], [str(i) for i in range(start, stop)])
+    assert len(index._buffers) > 5
+    want_idx, _ = brute_force(q, g, "euclidean", 15)
+    np.testing.assert_array_equal(index.search_arrays(q, 15)[0], want_idx)
+    loaded = GalleryIndex.load(index.save(tmp_path / "g.esidx"))
+    np.testing.assert_array_equal(loaded.features, g)
+    np.testing.assert_array_equal(index.features, g)
+    np.testing.assert_array_equal(index.search_arrays(q, 15)[0], want_idx)

@@ -29,10 +29,14 @@ class Embedder(Protocol):
     metric: str
 
     @property
-    def descriptor_dim(self) -> int: ...
+    def descriptor_dim(self) -> int:
+        """Length of a descriptor."""
+        ...
 
     def embed_files(self, paths: Sequence[str | os.PathLike], progress: bool | None = None
-                    ) -> tuple[Any, list[str], list[tuple[str, str]]]: ...
+                    ) -> tuple[Any, list[str], list[tuple[str, str]]]:
+        """``(features [M, D], embedded paths, [(path, reason)] of unreadable ones)``."""
+        ...
 
 
 def _folder(path: str | os.PathLike) -> Path:

@@ -58,6 +58,7 @@ from esreid.search.exact import (
     row_norms,
     scan_error_bound,
     scan_keys,
+    scan_norms,
 )
 
 FORMAT_NAME = "esreid-gallery-index"
@@ -70,11 +71,11 @@ LABELS_MEMBER = "labels.json"
 FEATURES_MEMBER = "features.npy"
 FAISS_MEMBER = "faiss.index"
 
-#: Extra candidates asked of faiss beyond ``top_k`` (at least ``top_k`` more): enough that
-#: the exactness check almost never needs a second pass over the gallery.
+#: Extra candidates asked of the scan beyond ``top_k`` (at least ``top_k`` more): enough
+#: that the exactness check almost never needs a second pass over the gallery.
 CANDIDATE_MARGIN = 16
-#: Rows handed to faiss per call when adding, so normalised copies stay small.
-ADD_CHUNK_ROWS = 16384
+#: Rows handed to faiss per call when adding, so the normalised copy stays small.
+ADD_CHUNK_ROWS = 4096
 #: IVF k-means trains on at most this many vectors per list: with 4096-d descriptors on a
 #: few cores, faiss's default of 256 makes training take minutes for little gain.
 TRAIN_POINTS_PER_LIST = 64
@@ -83,6 +84,8 @@ TRAIN_POINTS_PER_LIST = 64
 TRAIN_ITERATIONS = 10
 #: faiss warns below this many training vectors per list; the default nlist respects it.
 MIN_POINTS_PER_LIST = 39
+#: Largest block of feature rows the index grows by (a larger batch added is its own block).
+BLOCK_BYTES = 1 << 30
 #: The numpy scan handles at most this many query x gallery scores (float64) at once.
 SCAN_BLOCK_SCORES = 1 << 24
 _WRITE_BLOCK_BYTES = 64 << 20
@@ -120,7 +123,8 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError as exc:
-        raise ImportError("gallery search needs faiss: pip install faiss-cpu") from exc
+        raise ImportError("index kinds 'flat' and 'ivf' need faiss: pip install faiss-cpu "
+                          "(kind 'numpy' does not)") from exc
     return faiss
 
 
@@ -152,9 +156,10 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists an IVF search visits by default: an eighth of them (recall@10 near 0.99 on
-    clustered descriptors in benchmarks/search.py)."""
-    return max(1, nlist // 8)
+    """Lists an IVF search visits by default: a quarter of them (recall@10 0.97 on the
+    clustered 4096-d descriptors of benchmarks/search.py at 100,000 images; an eighth
+    gave 0.91)."""
+    return max(1, nlist // 4)
 
 
 class GalleryIndex:
@@ -187,9 +192,11 @@ class GalleryIndex:
         self.threshold_source: dict[str, Any] = {}
         self.created = self.updated = _now()
         self.source: Path | None = None
-        # Features are kept as the blocks they were added in, so adding never copies what
-        # the index already holds; ``features`` joins them on demand.
-        self._blocks: list[np.ndarray] = []
+        # Features live in row blocks of up to BLOCK_BYTES (a batch that large gets a block
+        # of its own), the last one with room to grow: adding never copies what the index
+        # already holds, and scans see few large blocks (BLAS is slow on many small ones).
+        self._buffers: list[np.ndarray] = []
+        self._fills: list[int] = []
         self._starts: list[int] = []
         self._count = 0
         self._norms = np.zeros(0, dtype=np.float64)
@@ -223,14 +230,21 @@ class GalleryIndex:
 
     @property
     def features(self) -> np.ndarray:
-        """The descriptors, float32 ``[N, D]`` (joined into one array on first access after
-        several adds)."""
-        if not self._blocks:
+        """The descriptors, float32 ``[N, D]`` (joined into one array, once, when they are
+        held in several blocks)."""
+        blocks = self._blocks
+        if not blocks:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if len(self._blocks) > 1:
-            self._blocks = [np.concatenate(self._blocks)]
-            self._starts = [0]
-        return self._blocks[0]
+        if len(blocks) > 1:
+            joined = np.concatenate(blocks)
+            self._buffers, self._fills, self._starts = [joined], [len(joined)], [0]
+            return joined
+        return blocks[0]
+
+    @property
+    def _blocks(self) -> list[np.ndarray]:
+        """The filled parts of the feature blocks, in gallery order."""
+        return [buf[:fill] for buf, fill in zip(self._buffers, self._fills, strict=True)]
 
     @property
     def threshold(self) -> float | None:
@@ -319,8 +333,6 @@ class GalleryIndex:
                 raise ValueError(f"a label must be a non-empty string or None, got {label!r}")
         if not paths:
             return
-        # Owning a copy: the caller may reuse its array, and np.asarray may have given a view.
-        x = x.copy() if np.shares_memory(x, np.asarray(features)) else x
         self._ensure_structure(x)
         self._add_to_structure(x)
         self._append(x)
@@ -328,11 +340,34 @@ class GalleryIndex:
         self.labels.extend(labels)
         self.updated = _now()
 
-    def _append(self, x: np.ndarray) -> None:
-        self._blocks.append(x)
-        self._starts.append(self._count)
-        self._count += x.shape[0]
-        norms = [row_norms(x[s:s + CHUNK_ROWS]) for s in range(0, len(x), CHUNK_ROWS)]
+    def _append(self, x: np.ndarray, owned: bool = False) -> None:
+        """Copy rows ``x`` into the blocks (or adopt ``x`` as a block when ``owned``: it
+        then must not be used elsewhere)."""
+        block_rows = max(1, BLOCK_BYTES // (4 * self.dim))
+        norms = [scan_norms(x[s:s + CHUNK_ROWS]) for s in range(0, len(x), CHUNK_ROWS)]
+        pos = 0
+        while pos < len(x):
+            rest = len(x) - pos
+            if self._fills and self._fills[-1] < block_rows:
+                buf, fill = self._buffers[-1], self._fills[-1]
+                if fill == len(buf):
+                    # Doubling keeps the copies of a block growing row by row linear.
+                    grown = np.empty((min(block_rows, max(2 * fill, fill + rest)), self.dim),
+                                     dtype=np.float32)
+                    grown[:fill] = buf[:fill]
+                    self._buffers[-1] = buf = grown
+                take = min(len(buf) - fill, rest)
+                buf[fill:fill + take] = x[pos:pos + take]
+                self._fills[-1] += take
+            else:
+                take = rest if rest >= block_rows else 0
+                block = (x[pos:] if owned and pos == 0 else x[pos:].copy()) if take else \
+                    np.empty((rest, self.dim), dtype=np.float32)
+                self._buffers.append(block)
+                self._fills.append(take)
+                self._starts.append(self._count + pos)
+            pos += take
+        self._count += len(x)
         self._norms = np.concatenate([self._norms, *norms])
 
     def _new_flat(self) -> Any:
@@ -369,18 +404,21 @@ class GalleryIndex:
     def _add_to_structure(self, x: np.ndarray) -> None:
         if self.kind == "numpy":
             return
+        # One buffer for all chunks: fresh memory for each would be faulted in page by page.
+        buffer = np.empty((min(ADD_CHUNK_ROWS, len(x)), self.dim), dtype=np.float32)
         for start in range(0, x.shape[0], ADD_CHUNK_ROWS):
-            self._structure.add(faiss_vectors(x[start:start + ADD_CHUNK_ROWS], self.metric))
+            chunk = x[start:start + ADD_CHUNK_ROWS]
+            self._structure.add(faiss_vectors(chunk, self.metric, out=buffer[:len(chunk)]))
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         """Feature rows at gallery positions ``idx``, wherever their blocks are."""
-        if len(self._blocks) == 1:
-            return self._blocks[0][idx]
+        if len(self._buffers) == 1:
+            return self._buffers[0][idx]
         block = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
         out = np.empty((len(idx), self.dim), dtype=np.float32)
         for b in np.unique(block):
             mask = block == b
-            out[mask] = self._blocks[b][idx[mask] - self._starts[b]]
+            out[mask] = self._buffers[b][idx[mask] - self._starts[b]]
         return out
 
     def _keys(self, query: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -496,7 +534,8 @@ class GalleryIndex:
         """An exact (numpy) index over the same features, shared, not copied."""
         twin = GalleryIndex(self.model_id, self.metric, self.dim, "numpy")
         twin.paths, twin.labels, twin.source = self.paths, self.labels, self.source
-        twin._blocks, twin._starts = list(self._blocks), list(self._starts)
+        twin._buffers, twin._fills = list(self._buffers), list(self._fills)
+        twin._starts = list(self._starts)
         twin._count, twin._norms = self._count, self._norms
         return twin
 
@@ -623,7 +662,7 @@ class GalleryIndex:
         index.created = meta.get("created", index.created)
         index.updated = meta.get("updated", index.updated)
         if count:
-            index._append(np.ascontiguousarray(features))
+            index._append(np.ascontiguousarray(features), owned=True)
         index._load_structure(zf, path, bad)
         index.source = path
         return index
