@@ -18,15 +18,17 @@ the largest gallery whose features plus faiss's copy fit in ``--memory-gb``
             build time, then latency and recall@10 against exact search for each
             ``--nprobe`` (default: nlist/16, nlist/8 and the index's default nlist/4).
 
-Latency excludes embedding: queries are descriptors. Top-10 for every case; p50/p99 over
+"add" is the time spent adding the gallery (copies, normalising, faiss's copy, IVF
+training), not generating it. Latency excludes embedding: queries are descriptors.
+Top-10 for every case; p50/p99 over
 ``--queries`` single-query searches after 5 warm-up ones. "agrees" says whether the case
 returned the same top-10 positions as the bare brute force; "widened" counts the queries
 whose exactness check needed the second (range) pass.
 
 Descriptors are clustered like a trained model's: identities of about 8 images, each image
 its identity's centre (in a 64-d subspace) plus isotropic noise, so same-identity cosine
-similarity is about 0.67 and different-identity about 0 +- 0.05; queries are fresh images of
-gallery identities. Figures depend on the machine and on what else runs on it.
+similarity is about 0.67 and different-identity about 0 +- 0.09; queries are fresh images of
+gallery identities (each in the gallery about 8 times, Poisson-distributed). Figures depend on the machine and on what else runs on it.
 """
 
 from __future__ import annotations
