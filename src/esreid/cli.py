@@ -230,6 +230,154 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--checkpoint", help="checkpoint written by `esreid train`")
+    group.add_argument("--onnx", help="model written by `esreid export` (embeds with onnxruntime)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override the checkpoint's config, e.g. eval.batch_size=32")
+    p.add_argument("--device", default="cpu", help="torch device for --checkpoint (default cpu)")
+
+
+def _load_reid_model(checkpoint: str | None, onnx: str | None, overrides: list[str], device: str):
+    from esreid.inference import ReIDModel
+
+    if onnx:
+        if overrides:
+            from esreid.config import ConfigError
+
+            raise ConfigError("--set applies to --checkpoint models; an ONNX model's settings "
+                              "are fixed at export")
+        return ReIDModel.from_onnx(onnx)
+    return ReIDModel.from_checkpoint(checkpoint, device=device, overrides=overrides)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from esreid.export import export_onnx
+    from esreid.inference import ReIDModel
+
+    model = ReIDModel.from_checkpoint(args.checkpoint, overrides=args.overrides)
+    out = export_onnx(model, Path(os.path.expandvars(args.out)).expanduser(), opset=args.opset)
+    print(f"wrote {out}: input images [N, 3, {model.height}, {model.width}] -> descriptors "
+          f"[N, {model.descriptor_dim}] ({'flip-averaged, ' if model.flip else ''}{model.metric} "
+          f"distance; model {model.identity})")
+    return 0
+
+
+def _index_threshold(args: argparse.Namespace, metric: str):
+    from esreid.config import ConfigError
+    from esreid.search import threshold_from_results
+
+    if args.threshold is not None and args.threshold_from:
+        raise ConfigError("give --threshold or --threshold-from, not both")
+    if args.threshold_from:
+        return threshold_from_results(args.threshold_from, args.fpr, metric)
+    if args.threshold is not None:
+        return args.threshold, {"given": args.threshold}
+    return None, None
+
+
+def _report_failed(failed) -> None:
+    for path, reason in failed:
+        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from esreid.search import build_index
+
+    model = _load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
+    threshold, source = _index_threshold(args, model.metric)
+    ann = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+    index, failed = build_index(model, args.images, labels_csv=args.labels, kind=args.kind,
+                                threshold=threshold, threshold_source=source, **ann)
+    index.model_path = str(Path(args.onnx or args.checkpoint).expanduser().resolve())
+    out = index.save(Path(os.path.expandvars(args.out)).expanduser())
+    _report_failed(failed)
+    print(f"wrote {out}: {index.count} images ({len(failed)} unreadable, skipped)")
+    return 0
+
+
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from esreid.search import GalleryIndex, add_to_index
+
+    index = GalleryIndex.load(args.index)
+    model = _index_model(index, args)
+    before = index.count
+    failed = add_to_index(index, model, args.images, labels_csv=args.labels)
+    index.save()
+    _report_failed(failed)
+    print(f"{index.source}: added {index.count - before} images ({len(failed)} unreadable, "
+          f"skipped), {index.count} in all")
+    return 0
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    import json
+
+    from esreid.search import GalleryIndex
+
+    info = GalleryIndex.load(args.index).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:18s} {value}")
+    return 0
+
+
+def _index_model(index, args: argparse.Namespace):
+    """The model to embed queries for ``index``: --checkpoint/--onnx, else the one that built
+    it (recorded in the index)."""
+    from esreid.config import ConfigError
+
+    if args.checkpoint or args.onnx:
+        model = _load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
+    else:
+        path = getattr(index, "model_path", None)
+        if not path:
+            raise ConfigError(f"{index.source} does not record its model: pass --checkpoint or --onnx")
+        is_onnx = path.endswith(".onnx")
+        model = _load_reid_model(None if is_onnx else path, path if is_onnx else None,
+                                 args.overrides, args.device)
+    index.check_model(model.identity, f"queries embedded by {model.source}")
+    return model
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from esreid.search import GalleryIndex
+
+    index = GalleryIndex.load(args.index)
+    model = _index_model(index, args)
+    queries = [str(Path(os.path.expandvars(q)).expanduser()) for q in args.queries]
+    features = model.embed(queries)
+    results = index.search(features, top_k=args.top_k, model_id=model.identity)
+    if args.explain:
+        from esreid.explain import save_rank_list
+
+        out_dir = Path(os.path.expandvars(args.explain)).expanduser()
+        for qi, (query, matches) in enumerate(zip(queries, results, strict=True)):
+            panels = [(m.path, f"#{m.rank}  d={m.distance:.3f}" + (f"\n{m.label}" if m.label else ""),
+                       m.same) for m in matches]
+            figure = save_rank_list(model, query, panels, out_dir / f"query{qi:02d}_{Path(query).stem}.png",
+                                    title=Path(query).name)
+            print(f"explanation: {figure}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"index": str(index.source), "model": model.identity,
+                          "threshold": index.threshold,
+                          "results": [{"query": q, "matches": [m.to_dict() for m in ms]}
+                                      for q, ms in zip(queries, results, strict=True)]}, indent=2))
+        return 0
+    for query, matches in zip(queries, results, strict=True):
+        print(query)
+        for m in matches:
+            verdict = "" if m.same is None else ("  same" if m.same else "  different")
+            label = f"  [{m.label}]" if m.label else ""
+            print(f"  {m.rank:3d}  {m.distance:.4f}{verdict}  {m.path}{label}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``esreid`` command."""
     parser = argparse.ArgumentParser(
@@ -305,6 +453,53 @@ def build_parser() -> argparse.ArgumentParser:
                                  "folder, or beside the checkpoint)")
     p.set_defaults(func=_cmd_explain)
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (descriptor model, dynamic batch)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `esreid train`")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override the checkpoint's config, e.g. eval.flip=false")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("index", help="build, extend or describe a gallery index for `esreid search`")
+    index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = index_sub.add_parser("build", help="embed every image under a folder into a new index")
+    _model_args(q, required=True)
+    q.add_argument("--images", required=True, help="gallery folder (searched recursively)")
+    q.add_argument("--out", required=True, help="index file to write")
+    q.add_argument("--labels", help="CSV of path,label (default: identity = sub-folder name)")
+    q.add_argument("--kind", choices=("flat", "ivf"), default="flat",
+                   help="flat: exact search (default); ivf: approximate, for very large galleries")
+    q.add_argument("--nlist", type=int, help="ivf: number of lists")
+    q.add_argument("--nprobe", type=int, help="ivf: lists visited per query")
+    q.add_argument("--threshold", type=float, help="distance at or below which a match is "
+                                                   "called the same identity")
+    q.add_argument("--threshold-from", metavar="RUN_OR_RESULTS",
+                   help="take the threshold from a run's evaluation (results JSON or run folder)")
+    q.add_argument("--fpr", type=float, default=1e-3,
+                   help="with --threshold-from: the false-positive rate to operate at (default 1e-3)")
+    q.set_defaults(func=_cmd_index_build)
+    q = index_sub.add_parser("add", help="embed the images of another folder into an index")
+    q.add_argument("index", help="index file")
+    q.add_argument("--images", required=True, help="folder of images to add")
+    q.add_argument("--labels", help="CSV of path,label (default: identity = sub-folder name)")
+    _model_args(q, required=False)
+    q.set_defaults(func=_cmd_index_add)
+    q = index_sub.add_parser("info", help="summarise an index")
+    q.add_argument("index", help="index file")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_cmd_index_info)
+
+    p = sub.add_parser("search", help="rank an index's gallery for query images")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="query image files")
+    p.add_argument("--index", required=True, help="index built by `esreid index build`")
+    p.add_argument("--top-k", type=int, default=10, help="matches per query (default 10)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--explain", metavar="OUT_DIR", help="also draw each query's rank list with "
+                                                        "CG-RAM overlays into OUT_DIR")
+    _model_args(p, required=False)
+    p.set_defaults(func=_cmd_search)
+
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
     return parser
 
@@ -319,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"esreid {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError, ImportError) as err:
         # Bad input gets one clear line, not a traceback; ESREID_DEBUG=1 shows the traceback.
         if os.environ.get("ESREID_DEBUG"):
             raise

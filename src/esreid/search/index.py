@@ -26,7 +26,7 @@ reports exact distances for what it returns.
 File format (version 1): a zip archive, members stored uncompressed, written atomically:
 ``esreid-index.json`` first (``{"format": "esreid-gallery-index", "version": 1, "model_id",
 "metric", "dim", "count", "kind", "nlist", "nprobe", "threshold", "threshold_source",
-"created", "updated", "esreid_version"}``), then ``paths.json`` and ``labels.json`` (JSON
+"created", "updated", "esreid_version", "model_path"}``), then ``paths.json`` and ``labels.json`` (JSON
 lists), ``features.npy`` (float32 ``[count, dim]``, ``.npy`` format) and, for ``ivf``,
 ``faiss.index`` (``faiss.serialize_index``). The zip's CRC-32s catch damaged members. A flat
 index's faiss structure is rebuilt from the features on load rather than stored twice.
@@ -190,6 +190,9 @@ class GalleryIndex:
         self.labels: list[str | None] = []
         self._threshold: float | None = None
         self.threshold_source: dict[str, Any] = {}
+        # The checkpoint or ONNX file that embedded the gallery: what `esreid search` loads
+        # to embed queries when no model is named.
+        self.model_path: str | None = None
         self.created = self.updated = _now()
         self.source: Path | None = None
         # Features live in row blocks of up to BLOCK_BYTES (a batch that large gets a block
@@ -558,6 +561,7 @@ class GalleryIndex:
             "nlist": self.nlist, "nprobe": self._nprobe, "threshold": self._threshold,
             "threshold_source": self.threshold_source, "created": self.created,
             "updated": self.updated, "esreid_version": _esreid_version(),
+            "model_path": self.model_path,
         }
         structure = None
         if self.kind == "ivf" and self._structure is not None:
@@ -659,6 +663,8 @@ class GalleryIndex:
         index.paths, index.labels = paths, labels
         index._threshold = _check_threshold(meta.get("threshold"))
         index.threshold_source = dict(meta.get("threshold_source") or {})
+        model_path = meta.get("model_path")
+        index.model_path = model_path if isinstance(model_path, str) and model_path else None
         index.created = meta.get("created", index.created)
         index.updated = meta.get("updated", index.updated)
         if count:
@@ -706,7 +712,8 @@ class GalleryIndex:
         labelled = [x for x in self.labels if x is not None]
         return {
             "count": self._count, "dim": self.dim, "metric": self.metric,
-            "model_id": self.model_id, "kind": self.kind, "nlist": self.nlist,
+            "model_id": self.model_id, "model_path": self.model_path, "kind": self.kind,
+            "nlist": self.nlist,
             "nprobe": self.nprobe, "threshold": self._threshold,
             "threshold_source": dict(self.threshold_source), "labels": len(labelled),
             "identities": len(set(labelled)),
