@@ -637,3 +637,47 @@ def test_process_with_running_loaders_exits_cleanly(tmp_path: Path) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
+
+
+class _GcState(Dataset):
+    """Item 0: how many objects the worker process has frozen out of its collector."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        import gc
+
+        return gc.get_freeze_count()
+
+
+class _Finaliser:
+    """Garbage whose finaliser records the process it ran in."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.cycle = self
+
+    def __del__(self) -> None:
+        with open(self.log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+
+def test_workers_never_run_finalisers_of_inherited_garbage(records: list[Record], tmp_path) -> None:
+    """A forked worker that frees the parent's garbage can hang for good: an onnxruntime
+    session's finaliser waits for thread-pool threads that do not exist after fork. The
+    parent collects its garbage before forking, and workers freeze what they inherit."""
+    import gc
+
+    (frozen,) = DataLoader(_GcState(), batch_size=None, num_workers=1, worker_init_fn=worker_init)
+    assert frozen > 1000  # everything inherited (modules, torch, ...) is frozen
+    log = tmp_path / "finalised.txt"
+    gc.disable()
+    try:
+        _Finaliser(log)  # unreachable at once, but only the cyclic collector can free it
+        assert not log.exists()
+        loader = build_test_loader(records, 16, 8, batch_size=4, num_workers=1)
+        assert sum(len(batch[0]) for batch in loader) == len(records)
+    finally:
+        gc.enable()
+    assert log.read_text().split() == [str(os.getpid())]  # freed in this process, once

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import os
 import signal
 import threading
@@ -111,8 +112,8 @@ def _check_on_bad_image(where: str, on_bad_image: str) -> None:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the worker ignores SIGINT, and SIGTERM unless its
-    parent (the main process) sends it.
+    """DataLoader ``worker_init_fn``: the worker never collects the garbage it inherited,
+    ignores SIGINT, and ignores SIGTERM unless its parent (the main process) sends it.
 
     Ctrl-C goes to the whole foreground process group and schedulers often signal every
     process of a job; a worker dying mid-batch would turn a clean stop of the main process
@@ -124,6 +125,10 @@ def worker_init(worker_id: int) -> None:
     default action. Worker seeding is left to torch (augmentation does not depend on it,
     see the module docstring).
     """
+    # Objects inherited from the parent are never collected here. Their finalisers may
+    # tear down another library's thread pool (an onnxruntime session left as garbage does),
+    # whose threads do not exist after fork: the worker would wait for them forever.
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
@@ -386,6 +391,10 @@ class _Loader(DataLoader):
 
     def __iter__(self):  # noqa: ANN204 - torch's iterator classes are private
         """Return torch's iterator, remembering it when it runs worker processes."""
+        if self.num_workers > 0 and (self._iterator is None or not self.persistent_workers):
+            # Workers are forked from this process: collect its unreachable objects first,
+            # so no forked worker runs their finalisers (see worker_init).
+            gc.collect()
         iterator = super().__iter__()
         if self.num_workers > 0:
             _LIVE_ITERATORS.add(iterator)
