@@ -78,6 +78,19 @@ def _as_labels(x: Iterable[int] | ArrayLike, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def as_distmat(distmat: ArrayLike) -> np.ndarray | torch.Tensor:
+    """A 2-D distance matrix (numpy array or detached tensor); ValueError otherwise."""
+    if isinstance(distmat, torch.Tensor):
+        distmat = distmat.detach()
+    elif not isinstance(distmat, np.ndarray):
+        distmat = np.asarray(distmat)
+    if distmat.ndim != 2:
+        raise ValueError(
+            f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(distmat.shape)}"
+        )
+    return distmat
+
+
 def _check_max_rank(max_rank: int) -> int:
     """``max_rank`` as an int if positive, else ValueError."""
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
@@ -240,14 +253,7 @@ def evaluate_rank(
     """
     max_rank = _check_max_rank(max_rank)
     chunk_size = check_chunk_size(chunk_size)
-    if isinstance(distmat, torch.Tensor):
-        distmat = distmat.detach()
-    elif not isinstance(distmat, np.ndarray):
-        distmat = np.asarray(distmat)
-    if distmat.ndim != 2:
-        raise ValueError(
-            f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(distmat.shape)}"
-        )
+    distmat = as_distmat(distmat)
     if isinstance(distmat, np.ndarray) and distmat.dtype.kind not in "iuf":
         raise ValueError(f"distmat must hold real numbers, got dtype {distmat.dtype}")
     nq, ng = int(distmat.shape[0]), int(distmat.shape[1])

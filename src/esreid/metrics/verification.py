@@ -24,7 +24,6 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from esreid.metrics.distance import ArrayLike, check_chunk_size, check_metric, distance_blocks
 from esreid.metrics.ranking import (
@@ -34,6 +33,7 @@ from esreid.metrics.ranking import (
     _check_lengths,
     _distmat_blocks,
     _labels,
+    as_distmat,
 )
 
 DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
@@ -227,14 +227,7 @@ def tpr_at_fpr(
     """
     fprs = _check_fprs(fprs)
     chunk_size = check_chunk_size(chunk_size)
-    if isinstance(distmat, torch.Tensor):
-        distmat = distmat.detach()
-    elif not isinstance(distmat, np.ndarray):
-        distmat = np.asarray(distmat)
-    if distmat.ndim != 2:
-        raise ValueError(
-            f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(distmat.shape)}"
-        )
+    distmat = as_distmat(distmat)
     nq, ng = int(distmat.shape[0]), int(distmat.shape[1])
     labels = _labels(q_pids, g_pids, q_camids, g_camids)
     _check_lengths(nq, ng, labels)
