@@ -301,3 +301,15 @@ def test_check_stats_key_silences_the_published_statistics_warning(tmp_path, rec
     load_data(load_config("esnet", ["data.name=market1501", f"data.root={tmp_path}",
                                     "data.check_stats=false"]))
     assert not [w for w in recwarn if "published" in str(w.message)]
+
+
+def test_a_forced_change_that_does_not_fit_the_checkpoint_changes_nothing(finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path)
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run), "--force", "--set", "model.backbone=resnet18",
+                 "optim.epochs=3"]) == 2
+    assert "does not fit the configured model" in capsys.readouterr().err
+    after = _snapshot(run)
+    after.pop("log.txt", None)
+    before.pop("log.txt", None)
+    assert after == before

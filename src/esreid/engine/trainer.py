@@ -29,6 +29,7 @@ from esreid.data.records import ReIDData
 from esreid.engine.checkpoint import (
     CheckpointError,
     RunFolder,
+    config_from_checkpoint,
     find_resume_checkpoint,
     load_model_state,
     read_checkpoint,
@@ -178,21 +179,25 @@ class Trainer:
         self._stop_signal: int | None = None
         self._in_steps = False
 
+        if resume_state is not None:
+            # Restored before the first write: a checkpoint that does not fit the (forced)
+            # config fails here and leaves the run folder as it was.
+            self._restore(resume_state, Path(resume))
+
         # From here on the run folder is written.
         if overwrite and resume is None:
             self.folder.clear()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_run_logging(self.run_dir)
         for folder in (self.run_dir, self.folder.checkpoints):
             for stale in clean_stale_temp(folder):
-                print(f"removed {stale}, left by an interrupted write", flush=True)
-        setup_run_logging(self.run_dir)
+                log.info("removed %s, left by an interrupted write", stale)
         if resume_state is None or changes or not self.folder.config.is_file():
             save_config(cfg, self.folder.config)
         if resume_state is not None:
             if Path(resume) == self.folder.prev and self.folder.last.exists():
                 # Keep the damaged file for inspection, but out of the prev.pt rotation.
                 os.replace(self.folder.last, self.folder.checkpoints / "last.pt.damaged")
-            self._restore(resume_state, Path(resume))
             self._trim_metrics_log()
             if changes:
                 self._log_metrics({"type": "config_change", "epoch": self.epoch,
@@ -200,8 +205,6 @@ class Trainer:
                                    "changes": {k: list(v) for k, v in changes.items()}})
                 log.info("config changed on resume: %s", ", ".join(
                     f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-        elif self.metrics_path.is_file():
-            self.metrics_path.unlink()  # a folder that was not a run may still hold a stray log
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -211,7 +214,7 @@ class Trainer:
         from esreid.config import load_config
 
         saved = (load_config(self.folder.config) if self.folder.config.is_file()
-                 else _checkpoint_config(ckpt, path))
+                 else config_from_checkpoint(ckpt, path))
         changes = diff_configs(saved, self.cfg)
         for key in ("train.output_dir", "train.run_name"):
             changes.pop(key, None)  # where the folder is now (a moved run), not what it does
@@ -369,7 +372,10 @@ class Trainer:
         self.loader.sampler.set_epoch(self.epoch, start=first * self.batch_size)
         every = cfg.train.checkpoint_every_iters
         acc = self.progress
-        start, seen_before = time.time() - acc.seconds, acc.seen
+        # ``start`` counts the epoch's earlier segments (before a resume) into its seconds;
+        # the rate shown is this segment's.
+        now = time.time()
+        start, segment_start, seen_before = now - acc.seconds, now, acc.seen
         bar = tqdm(total=n_iters, initial=first, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                    disable=not cfg.train.progress, leave=False, unit="it")
         last_batch = None
@@ -390,7 +396,7 @@ class Trainer:
                 acc.seconds = time.time() - start
                 self.iteration = it + 1
                 last_batch = (images, pids)
-                rate = (acc.seen - seen_before) / max(time.time() - start - 0, 1e-9)
+                rate = (acc.seen - seen_before) / max(time.time() - segment_start, 1e-9)
                 eta = ((cfg.optim.epochs - self.epoch) * n_iters - self.iteration) * self.batch_size / max(rate, 1e-9)
                 bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", eta=f"{eta / 60:.1f}min")
                 bar.update(1)
@@ -524,8 +530,3 @@ class Trainer:
         write_results(self.folder.results, result)
         return result
 
-
-def _checkpoint_config(ckpt: dict[str, Any], path: Path) -> Config:
-    from esreid.engine.checkpoint import config_from_checkpoint
-
-    return config_from_checkpoint(ckpt, path)
