@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", help="CSV of path,label (default: identity = sub-folder name)")
     q.add_argument("--kind", choices=("flat", "numpy", "ivf"), default="flat",
                    help="flat: exact faiss search (default); numpy: exact search with numpy's "
-                        "BLAS (no faiss needed; faster where faiss lacks AVX2); ivf: approximate "
+                        "BLAS (no faiss needed; uses every core for a single query); ivf: approximate "
                         "faiss search for very large galleries")
     q.add_argument("--nlist", type=int, help="ivf: number of lists")
     q.add_argument("--nprobe", type=int, help="ivf: lists visited per query")
