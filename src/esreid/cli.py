@@ -378,6 +378,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from esreid.export import require
+    from esreid.search import GalleryIndex
+    from esreid.serve import create_app
+
+    uvicorn = require("uvicorn", "serve")
+    model = None
+    if args.checkpoint or args.onnx:
+        model = _load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
+    index = Path(os.path.expandvars(args.index)).expanduser()
+    app = create_app(index, model=model, token=args.token or os.environ.get("ESREID_TOKEN"),
+                     max_upload_bytes=int(args.max_upload_mb * 2**20))
+    size = GalleryIndex.load(index).count
+    print(f"serving {index} ({size} images) on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``esreid`` command."""
     parser = argparse.ArgumentParser(
@@ -501,6 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "CG-RAM overlays into OUT_DIR")
     _model_args(p, required=False)
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("serve", help="serve a gallery index: JSON API and a search page")
+    p.add_argument("--index", required=True, help="index built by `esreid index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token", help="allow POST /api/gallery with Authorization: Bearer TOKEN "
+                                   "(or set ESREID_TOKEN); without it the gallery is read-only")
+    p.add_argument("--max-upload-mb", type=float, default=10.0,
+                   help="largest accepted upload in MiB (default 10)")
+    _model_args(p, required=False)
+    p.set_defaults(func=_cmd_serve)
 
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
     return parser
