@@ -147,7 +147,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 def test_cli_help_everywhere(capsys):
     for cmd in ([], ["train"], ["evaluate"], ["synth"], ["demo"], ["plot"], ["report"],
                 ["sweep"], ["explain"], ["export"], ["index"], ["index", "build"],
-                ["index", "add"], ["index", "info"], ["search"]):
+                ["index", "add"], ["index", "info"], ["search"], ["serve"]):
         with pytest.raises(SystemExit) as exc:
             main([*cmd, "--help"])
         assert exc.value.code == 0

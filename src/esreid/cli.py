@@ -380,7 +380,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from esreid.export import require
-    from esreid.search import GalleryIndex
     from esreid.serve import create_app
 
     uvicorn = require("uvicorn", "serve")
@@ -390,7 +389,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     index = Path(os.path.expandvars(args.index)).expanduser()
     app = create_app(index, model=model, token=args.token or os.environ.get("ESREID_TOKEN"),
                      max_upload_bytes=int(args.max_upload_mb * 2**20))
-    size = GalleryIndex.load(index).count
+    size = app.state.service.index.count
     print(f"serving {index} ({size} images) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
