@@ -2,19 +2,13 @@
 index, driven by headless Chromium through Playwright (choose a query, see the ranked
 thumbnails, click one, see both CG-RAM overlays). The screenshot it takes is the README's."""
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from serve_process import running_server
 
 from esreid.cli import main
 from esreid.config import load_config
@@ -82,26 +76,6 @@ def _gallery(root):
     return gallery, query
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc, url, log, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"esreid serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2.0) as r:
-                return json.load(r)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass  # not listening yet
-        time.sleep(0.2)
-    pytest.fail(f"esreid serve did not answer {url}/healthz within {timeout:.0f} s")
-
-
 def _loaded(page, selector):
     """True when every image matching selector has finished loading real pixels."""
     return page.eval_on_selector_all(
@@ -121,17 +95,8 @@ def test_serve_page_search_and_explain(tmp_path):
     assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
                  "--out", str(index), "--threshold", THRESHOLD]) == 0
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    # The server's output goes to a file: a pipe nobody reads could fill up and stall it.
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "esreid.cli", "serve", "--index", str(index),
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        assert _wait_healthy(proc, url, log)["gallery_size"] == GALLERY
+    with running_server(index, tmp_path / "serve.log") as (proc, url, health):
+        assert health["gallery_size"] == GALLERY
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             try:
@@ -188,10 +153,3 @@ def test_serve_page_search_and_explain(tmp_path):
                 assert page.locator("#results .match").count() == 0
             finally:
                 browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -4,28 +4,19 @@ process must still be alive and healthy afterwards."""
 
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
 from fixture_trees import break_image
+from serve_process import running_server
 from test_cli_use import _checkpoint, _image
 from test_serve import _bomb
 
 from esreid.cli import main
 
 TOKEN = "burst-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -38,34 +29,9 @@ def server(tmp_path):
     index = tmp_path / "g.index"
     assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(tmp_path / "gallery"),
                  "--out", str(index), "--threshold", "0.2"]) == 0
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "esreid.cli", "serve", "--index", str(index), "--host", "127.0.0.1",
-         "--port", str(port), "--token", TOKEN, "--max-upload-mb", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not answer /healthz within 90 s")
-            time.sleep(0.2)
+    with running_server(index, tmp_path / "serve.log", "--token", TOKEN,
+                        "--max-upload-mb", "0.5") as (proc, url, _):
         yield url, proc, tmp_path, rng
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 def test_concurrent_searches_and_hostile_requests(server):
