@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ import yaml
 from esreid.data.datasets import VEHICLEID_TEST_SIZES
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+#: Values of ``train.amp``.
+AMP_MODES = ("none", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -116,7 +120,17 @@ class TrainConfig:
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # mixed precision on CUDA
+    # Mixed precision: none | fp16 (CUDA, with a GradScaler) | bf16 (CPU and CUDA). The old
+    # boolean still loads: true means fp16 (on CUDA; float32 elsewhere), false none.
+    amp: str = "none"
+    channels_last: bool = False  # channels-last memory format for the model and the batches
+    compile: bool = False  # torch.compile the training forward (and loss)
+    # Distributed runs on CUDA: SyncBatchNorm across processes (off, as the paper trains on
+    # one GPU; per-process BatchNorm statistics otherwise).
+    sync_bn: bool = False
+    # TensorBoard event files under the run folder's tensorboard/ (when the tensorboard
+    # package is installed; a log line says so when it is not).
+    tensorboard: bool = True
     output_dir: str = "runs"  # ~ and $VARS expand
     run_name: str = ""  # default: the preset name
     # Epochs between checkpoints (last.pt; the one before becomes prev.pt); the last epoch is
@@ -292,10 +306,20 @@ def build_config(raw: dict[str, Any], name: str = "custom") -> Config:
                 raise ConfigError(
                     f"unknown config key {section}.{key} (valid keys of {section}: {', '.join(fields)})"
                 )
+            if (section, key) == ("train", "amp") and isinstance(value, bool):
+                value = _deprecated_amp(value)
             setattr(target, key, _coerce(value, fields[key], f"{section}.{key}"))
     _expand_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def _deprecated_amp(value: bool) -> str:
+    """The pre-0.2 boolean ``train.amp``: true meant fp16 autocast on CUDA."""
+    warnings.warn("config key train.amp: true/false is deprecated; use none | fp16 | bf16 "
+                  f"(read {str(value).lower()} as {'fp16' if value else 'none'})",
+                  DeprecationWarning, stacklevel=4)
+    return "fp16" if value else "none"
 
 
 # Keys holding a file or folder path. model.pretrained is a path unless it names a source.
@@ -364,6 +388,7 @@ def validate(cfg: Config) -> None:
     choice("erase.layer", cfg.erase.layer, ("layer3", "layer4"))
     choice("eval.metric", cfg.eval.metric, ("cosine", "euclidean"))
     choice("data.on_bad_image", cfg.data.on_bad_image, ("error", "skip"))
+    choice("train.amp", cfg.train.amp, AMP_MODES)
     if not (cfg.model.aib or cfg.model.esb):
         raise ConfigError("model.aib and model.esb are both false: at least one branch is needed")
     within("erase.ratio", cfg.erase.ratio, 0.0, 1.0)
@@ -473,7 +498,7 @@ RESUME_FREE_KEYS = frozenset({
     "optim.epochs",
     "train.device", "train.output_dir", "train.run_name", "train.checkpoint_every",
     "train.checkpoint_every_iters", "train.eval_every", "train.diagnose_erasing",
-    "train.progress",
+    "train.progress", "train.tensorboard", "train.compile", "train.channels_last",
 })
 
 

@@ -169,7 +169,7 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
-        self.use_amp = cfg.train.amp and self.device.type == "cuda"
+        self.use_amp = cfg.train.amp == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.epoch = 0  # completed epochs
         self.iteration = 0  # steps done in the current epoch
