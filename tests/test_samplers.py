@@ -200,3 +200,50 @@ def test_start_must_be_a_multiple_of_the_batch(start):
     sampler = PKSampler([0, 0, 1, 1], num_instances=2, batch_size=4)
     with pytest.raises(ValueError, match="start must be a non-negative multiple of batch_size"):
         sampler.set_epoch(0, start=start)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_split_each_global_batch_into_whole_identities(world):
+    pids = [i // 6 for i in range(6 * 30)]  # 30 identities x 6 images
+    k, batch = 2, 16  # J = 8 identities per global batch
+    single = PKSampler(pids, num_instances=k, batch_size=batch, seed=7)
+    ranks = [PKSampler(pids, num_instances=k, batch_size=batch, seed=7, num_replicas=world,
+                       rank=r) for r in range(world)]
+    for epoch in (0, 3):
+        for s in [single, *ranks]:
+            s.set_epoch(epoch)
+        full = list(single)
+        local = batch // world
+        streams = [list(s) for s in ranks]
+        for s, stream in zip(ranks, streams, strict=True):
+            assert s.local_batch_size == local
+            assert len(s) == s.epoch_length() == len(full) // world == len(stream)
+            assert s.num_batches() == single.num_batches() == len(full) // batch
+        for b in range(len(full) // batch):
+            parts = [stream[b * local:(b + 1) * local] for stream in streams]
+            # The ranks' local batches, in rank order, are the single-process batch, with its
+            # positions (so augmentation does not depend on the number of processes).
+            joined = [(int(i), i.epoch, i.position) for part in parts for i in part]
+            assert joined == [(int(i), i.epoch, i.position) for i in full[b * batch:(b + 1) * batch]]
+            ids = [{pids[i] for i in part} for part in parts]
+            assert all(len(group) == batch // k // world for group in ids)  # whole identities
+            assert all(Counter(pids[i] for i in part) == dict.fromkeys(group, k)
+                       for part, group in zip(parts, ids, strict=True))
+            assert len(set().union(*ids)) == sum(map(len, ids))  # no identity on two ranks
+
+
+def test_ranks_resume_mid_epoch_at_the_same_global_batch():
+    pids = [i // 4 for i in range(4 * 12)]
+    full = PKSampler(pids, num_instances=2, batch_size=8, seed=1, num_replicas=2, rank=1)
+    full.set_epoch(1)
+    stream = list(full)
+    full.set_epoch(1, start=16)  # two global batches done
+    assert list(full) == stream[8:]
+
+
+def test_distributed_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"the 3 identities of a batch \(batch_size 6 / "
+                                         r"num_instances 2\) must split evenly between 2"):
+        PKSampler([0, 0, 1, 1, 2, 2], num_instances=2, batch_size=6, num_replicas=2)
+    with pytest.raises(ValueError, match="got rank 2 of 2"):
+        PKSampler([0, 0, 1, 1], num_instances=2, batch_size=4, num_replicas=2, rank=2)

@@ -425,6 +425,8 @@ def build_train_loader(
     pad: int = 0,
     pin_memory: bool = False,
     on_bad_image: str = "error",
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """Training DataLoader with PK batches and train-time augmentation.
 
@@ -438,10 +440,13 @@ def build_train_loader(
     boundary needs nothing from the loader beyond ``set_epoch`` (see the module docstring).
     ``on_bad_image="skip"`` replaces an unreadable image by the next readable one of the
     same identity and lists its path in ``bad``; ImageReadError when an identity has none.
+    In distributed training (``num_replicas`` > 1) ``batch_size`` is the global batch and this
+    rank's loader yields its ``batch_size // num_replicas`` images of each (see PKSampler).
     """
     _check_loader_args("build_train_loader", records, num_workers, on_bad_image)
     sampler = PKSampler(
-        [r.pid for r in records], num_instances=num_instances, batch_size=batch_size, seed=seed
+        [r.pid for r in records], num_instances=num_instances, batch_size=batch_size, seed=seed,
+        num_replicas=num_replicas, rank=rank,
     )
     transform = build_transforms(height, width, is_train=True, flip_prob=flip_prob, pad=pad)
     dataset = ImageDataset(
@@ -449,7 +454,7 @@ def build_train_loader(
     )
     return _Loader(
         dataset,
-        batch_size=batch_size,
+        batch_size=sampler.local_batch_size,
         sampler=sampler,
         # The sampler already yields whole batches; drop_last guards against a partial one.
         drop_last=True,

@@ -6,6 +6,12 @@ batch to hold several images of each of its identities; a plain shuffle almost n
 The sampler yields :class:`EpochIndex` items: dataset indices (plain ``int`` subclasses)
 tagged with the epoch and the position in that epoch's stream, so the dataset can seed each
 sample's augmentation from ``(seed, epoch, position)`` instead of from a stateful generator.
+
+Distributed training splits every global batch of J identities between the processes: each
+rank takes J / world_size whole identities (K images each), so batch-hard mining and BESM's
+easiest positive stay within a rank, no identity is shared between the ranks of one step, and
+the epoch covers the data once in total. Positions stay global, so an image's augmentation
+does not depend on how many processes train.
 """
 
 from __future__ import annotations
@@ -69,6 +75,11 @@ class PKSampler(Sampler[int]):
     iteration repeats the same order. Each yielded index carries the current epoch and its
     position in the epoch's stream, which fix the sample's augmentation in
     :class:`~esreid.data.loader.ImageDataset`.
+
+    With ``num_replicas`` > 1 (distributed training) ``batch_size`` stays the global batch:
+    rank ``rank`` yields, from every global batch, the ``batch_size // num_replicas`` indices
+    of its J / num_replicas identities (use a DataLoader ``batch_size`` of
+    :attr:`local_batch_size`). Every rank draws the same global order from the seed.
     """
 
     def __init__(
@@ -77,6 +88,8 @@ class PKSampler(Sampler[int]):
         num_instances: int = 4,
         batch_size: int = 64,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         """Validate the arguments and group dataset indices by identity."""
         if num_instances < 1:
@@ -88,6 +101,17 @@ class PKSampler(Sampler[int]):
             raise ValueError(
                 f"PKSampler: batch_size ({batch_size}) must be a positive multiple of "
                 f"num_instances ({num_instances})"
+            )
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"PKSampler: rank must be in [0, num_replicas) with num_replicas >= 1, got "
+                f"rank {rank} of {num_replicas}"
+            )
+        if (batch_size // num_instances) % num_replicas != 0:
+            raise ValueError(
+                f"PKSampler: the {batch_size // num_instances} identities of a batch "
+                f"(batch_size {batch_size} / num_instances {num_instances}) must split evenly "
+                f"between {num_replicas} processes"
             )
         groups: dict[int, list[int]] = {}
         for index, pid in enumerate(pids):
@@ -101,6 +125,9 @@ class PKSampler(Sampler[int]):
                 f"{self.num_pids_per_batch} identities per batch, but the data has only "
                 f"{len(groups)} identities"
             )
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.local_batch_size = batch_size // num_replicas
         self.seed = seed
         self.epoch = 0
         self.start = 0
@@ -113,7 +140,7 @@ class PKSampler(Sampler[int]):
         ``len`` will use; ``epoch`` must be >= 0.
 
         ``start`` (a multiple of ``batch_size``) skips that many indices of the epoch's
-        stream, so a run resumed mid-epoch continues with exactly the batches (and, since
+        global stream, so a run resumed mid-epoch continues with exactly the batches (and, since
         positions keep their place in the stream, the augmentation) it would have seen.
         """
         if epoch < 0:
@@ -127,8 +154,13 @@ class PKSampler(Sampler[int]):
         self.start = int(start)
 
     def epoch_length(self) -> int:
-        """Number of indices in the whole current epoch (``len`` minus the skipped start)."""
-        return len(self._epoch_indices())
+        """Number of indices this rank yields in the whole current epoch (``len`` without
+        the skipped start)."""
+        return len(self._epoch_indices()) // self.num_replicas
+
+    def num_batches(self) -> int:
+        """Number of (global) batches in the whole current epoch."""
+        return len(self._epoch_indices()) // self.batch_size
 
     def _epoch_indices(self) -> list[int]:
         """The flat index list of the current epoch (computed once per epoch, then cached)."""
@@ -160,8 +192,11 @@ class PKSampler(Sampler[int]):
         its position in the epoch."""
         epoch, start = self.epoch, self.start
         indices = self._epoch_indices()
-        return (EpochIndex(indices[pos], epoch, pos) for pos in range(start, len(indices)))
+        offset = self.rank * self.local_batch_size
+        return (EpochIndex(indices[pos], epoch, pos)
+                for batch in range(start, len(indices), self.batch_size)
+                for pos in range(batch + offset, batch + offset + self.local_batch_size))
 
     def __len__(self) -> int:
-        """Number of indices the next iteration yields (a multiple of ``batch_size``)."""
-        return max(len(self._epoch_indices()) - self.start, 0)
+        """Number of indices the next iteration yields (a multiple of ``local_batch_size``)."""
+        return max(len(self._epoch_indices()) - self.start, 0) // self.num_replicas
