@@ -58,6 +58,8 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
             f"cross_entropy_label_smooth: targets must lie in [0, {num_classes - 1}] "
             f"for {num_classes} classes, got values in [{lo}, {hi}]"
         )
+    # Under autocast the logits may be half precision; the log-softmax needs float32.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # PyTorch's label_smoothing mixes the one-hot target with the uniform distribution over
     # all C classes, which is exactly the Bag-of-Tricks definition (checked in the tests).
     return F.cross_entropy(logits, targets, label_smoothing=epsilon)
@@ -67,13 +69,17 @@ def pairwise_euclidean(x: Tensor) -> Tensor:
     """Euclidean distance between every pair of rows of ``x`` [N, D]; returns [N, N].
 
     Squared distances are clamped at 1e-12 before the square root, so the diagonal is
-    1e-6 rather than 0 and its gradient is finite (zero), not NaN.
+    1e-6 rather than 0 and its gradient is finite (zero), not NaN. Computed in float32 (or
+    float64) even under autocast: ``|a|^2 + |b|^2 - 2ab`` cancels catastrophically in half
+    precision, and batch-hard mining compares these differences.
     """
     if x.dim() != 2:
         raise ValueError(f"pairwise_euclidean: x must be [N, D], got shape {tuple(x.shape)}")
-    squared_norms = x.pow(2).sum(dim=1)
-    squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * (x @ x.t())
-    return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        squared_norms = x.pow(2).sum(dim=1)
+        squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * (x @ x.t())
+        return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
 
 
 def hard_mining(dist: Tensor, pids: Tensor) -> tuple[Tensor, Tensor]:

@@ -45,12 +45,21 @@ def _weighted_activation_map(weights: Tensor, feature_map: Tensor) -> Tensor:
 
 
 def _leaf(feature_map: Tensor, name: str) -> Tensor:
-    """Detached copy of ``feature_map`` [N, C, h, w] that requires grad (a new autograd leaf)."""
+    """Detached copy of ``feature_map`` [N, C, h, w] that requires grad (a new autograd leaf),
+    in at least float32."""
     if feature_map.dim() != 4:
         raise ValueError(f"{name} must be [N, C, h, w], got shape {tuple(feature_map.shape)}")
     if not feature_map.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {feature_map.dtype}")
-    return feature_map.detach().requires_grad_(True)
+    dtype = torch.promote_types(feature_map.dtype, torch.float32)
+    return feature_map.detach().to(dtype).requires_grad_(True)
+
+
+def _full_precision(activation: Tensor):
+    """Autocast switched off: the saliency gradients (cosine scores of nearly equal
+    descriptors, then products with A) lose their ranking in half precision, and the head
+    after layer L is a small part of the network."""
+    return torch.autocast(activation.device.type, enabled=False)
 
 
 def _grad_wrt(score: Tensor, leaf: Tensor, what: str) -> Tensor:
@@ -226,7 +235,7 @@ def batch_cg_ram(head: Callable[[Tensor], Tensor], feature_map: Tensor, pids: Te
     n = activation.shape[0]
     if pids.dim() != 1 or pids.shape[0] != n:
         raise ValueError(f"pids must be [N={n}], got shape {tuple(pids.shape)}")
-    with torch.enable_grad():
+    with torch.enable_grad(), _full_precision(activation):
         features = head(activation)
         _check_descriptors(features, n, "head")
         partner = easiest_positive(features, pids).to(features.device)
@@ -266,7 +275,7 @@ def grad_cam_batch(
         raise ValueError(f"targets must be [N={n}], got shape {tuple(targets.shape)}")
     if targets.is_floating_point() or targets.is_complex():
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    with torch.enable_grad():
+    with torch.enable_grad(), _full_precision(activation):
         logits = logits_fn(activation)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(
