@@ -8,6 +8,7 @@ A run folder (``train.output_dir/run_name``) holds::
     checkpoints/last.pt  the newest checkpoint; checkpoints/prev.pt the one before it
     results.json         the final evaluation of the training run
     results_<dataset>[_rerank].json   later ``esreid evaluate`` runs of its checkpoints
+    tensorboard/         TensorBoard event files (train.tensorboard)
 
 The trainer, ``esreid evaluate``/``explain`` and the inference code all go through here;
 nothing else spells these names.
@@ -82,6 +83,11 @@ class RunFolder:
     def prev(self) -> Path:
         """``checkpoints/prev.pt``: the checkpoint before ``last.pt``."""
         return self.checkpoints / "prev.pt"
+
+    @property
+    def tensorboard(self) -> Path:
+        """``tensorboard/``: the TensorBoard event files of the run."""
+        return self.path / "tensorboard"
 
     def evaluation_results(self, dataset: str, rerank: bool) -> Path:
         """Where ``esreid evaluate`` writes its results (never over ``results.json``)."""
