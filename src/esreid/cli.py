@@ -21,20 +21,15 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True,
 
 def _cmd_presets(args: argparse.Namespace) -> int:
     from esreid.config import list_presets, load_config
+    from esreid.models.erasers import eraser_from_config
 
     for name in list_presets():
         cfg = load_config(name)
-        m, e = cfg.model, cfg.erase
+        m = cfg.model
         branches = " + ".join(f"{b}({pool})" for b, on, pool in
                               (("AIB", m.aib, m.aib_pool), ("ESB", m.esb, m.esb_pool)) if on)
-        if e.method == "none":
-            erase = ""
-        elif e.method == "bfd":
-            erase = f" erase=bfd({e.bfd_height}x{e.bfd_width} block)"
-        elif e.method == "random":
-            erase = f" erase=random(P={e.prob})"
-        else:
-            erase = f" erase={e.method}(R={e.ratio},P={e.prob})"
+        described = eraser_from_config(cfg.erase).describe()
+        erase = f" erase={described}" if described else ""
         losses = "ID+triplet" if cfg.loss.triplet else "ID"
         print(f"{name:24s} {m.backbone} {branches} {losses}{erase} "
               f"{cfg.data.height}x{cfg.data.width} {cfg.optim.epochs}ep")
@@ -74,6 +69,15 @@ def _resume_folder(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from esreid.engine import distributed
+
+    try:
+        return _train(args)
+    finally:
+        distributed.cleanup()  # under torchrun: leave the process group cleanly
+
+
+def _train(args: argparse.Namespace) -> int:
     from esreid.config import ConfigError, load_config
     from esreid.engine.checkpoint import config_from_checkpoint, find_resume_checkpoint
     from esreid.engine.evaluate import format_metrics
@@ -100,9 +104,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(evaluate=not args.no_eval)
     except TrainingInterrupted as stop:
-        print(f"esreid train: {stop}", file=sys.stderr, flush=True)
+        if trainer.is_main:
+            print(f"esreid train: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
-    if result is not None:
+    if result is not None:  # None on the other ranks of a distributed run
         print(f"{cfg.name}: {format_metrics(result['metrics'])}")
         print(f"results: {trainer.folder.results}")
     return 0

@@ -13,6 +13,7 @@ from torch import nn
 from esreid.config import Config
 from esreid.data.loader import BadImageLog, build_test_loader
 from esreid.data.records import ReIDData
+from esreid.engine.distributed import DistContext, gather_to_main, shard
 from esreid.engine.features import extract_features
 from esreid.metrics import (
     NoPairsError,
@@ -32,12 +33,28 @@ log = logging.getLogger("esreid.eval")
 
 
 def embed_records(model: nn.Module, records, cfg: Config, device: torch.device | str,
-                  desc: str = "features", bad_images: BadImageLog | None = None):
+                  desc: str = "features", bad_images: BadImageLog | None = None,
+                  ctx: DistContext | None = None):
     """Evaluation descriptors of ``records`` as the config says (size, flip, batch size).
 
     Returns ``(features [N, D], pids [N], camids [N])``; with ``data.on_bad_image=skip``
-    unreadable images are left out (and added to ``bad_images``).
+    unreadable images are left out (and added to ``bad_images``). In a distributed run
+    (``ctx``) each process embeds its contiguous share and rank 0 receives all of them in
+    the records' order; the other ranks get None.
     """
+    if ctx is not None and ctx.distributed:
+        part = list(records)[shard(ctx, len(records))]
+        mine = BadImageLog()
+        out = embed_records(model, part, cfg, device, desc, mine) if part else None
+        parts = gather_to_main(ctx, (out, mine.paths))
+        if parts is None:
+            return None
+        if bad_images is not None:
+            for _, paths in parts:
+                bad_images.update(paths)
+        done = [p for p, _ in parts if p is not None]
+        return (torch.cat([f for f, _, _ in done]), np.concatenate([p for _, p, _ in done]),
+                np.concatenate([c for _, _, c in done]))
     loader = build_test_loader(records, cfg.data.height, cfg.data.width,
                                batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                                on_bad_image=cfg.data.on_bad_image)
@@ -62,7 +79,8 @@ def camera_filter_labels(q_cams: np.ndarray, g_cams: np.ndarray) -> tuple[np.nda
 
 def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
                    device: torch.device | str = "cpu",
-                   features_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                   features_out: dict[str, torch.Tensor] | None = None,
+                   ctx: DistContext | None = None) -> dict[str, Any] | None:
     """Embed the test images and score them with the dataset's protocol.
 
     Returns a results dict in the schema of :func:`esreid.metrics.write_results`
@@ -70,6 +88,8 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
     Market protocol for Market/Duke/MSMT17/VeRi/custom/synthetic; VehicleID's 10-draw
     protocol when ``data.protocol == "vehicleid"``. When ``features_out`` is a dict, the
     query and gallery descriptors are stored in it (keys ``query``, ``gallery``) for reuse.
+    In a distributed run (``ctx``) every process embeds a share of the images and rank 0
+    scores the whole test set once; the other ranks return None.
     """
     start = time.time()
     result: dict[str, Any] = {
@@ -84,7 +104,10 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
     bad = BadImageLog()
     if data.protocol == "vehicleid":
         test = data.extra.get("test") or (list(data.query) + list(data.gallery))
-        feats, pids, _ = embed_records(model, test, cfg, device, "test", bad)
+        embedded = embed_records(model, test, cfg, device, "test", bad, ctx)
+        if embedded is None:
+            return None
+        feats, pids, _ = embedded
         res = evaluate_vehicleid(feats.numpy(), pids, num_draws=cfg.eval.num_draws,
                                  seed=cfg.train.seed, metric=cfg.eval.metric)
         metrics = {k: float(res[k]) for k in
@@ -93,8 +116,11 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         result["sizes"] = {"test": len(test), "identities": int(len(np.unique(pids))),
                            "draws": cfg.eval.num_draws}
     else:
-        qf, q_pids, q_cams = embed_records(model, data.query, cfg, device, "query", bad)
-        gf, g_pids, g_cams = embed_records(model, data.gallery, cfg, device, "gallery", bad)
+        query = embed_records(model, data.query, cfg, device, "query", bad, ctx)
+        gallery = embed_records(model, data.gallery, cfg, device, "gallery", bad, ctx)
+        if query is None or gallery is None:
+            return None
+        (qf, q_pids, q_cams), (gf, g_pids, g_cams) = query, gallery
         if features_out is not None:
             features_out.update(query=qf, gallery=gf)
         q_cams, g_cams = camera_filter_labels(q_cams, g_cams)

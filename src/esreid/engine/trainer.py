@@ -6,12 +6,19 @@ A run never silently reuses a folder that holds another run: it refuses, resumes
 writing anything. SIGTERM and SIGINT finish the current step, save a checkpoint and raise
 :class:`TrainingInterrupted`; checkpoints hold the position inside the epoch, so a resumed
 run continues bit for bit where the interrupted one stopped.
+
+Under ``torchrun`` the same loop trains one model with DistributedDataParallel: each process
+takes J / world_size identities of every global batch (see PKSampler), gradients are
+averaged, the logged losses are the means over the processes, and only rank 0 writes the
+run folder. Steps, checkpoints, stops and evaluations are collective: every rank reaches
+them at the same iteration.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -26,6 +33,7 @@ from tqdm import tqdm
 from esreid.config import Config, ConfigError, diff_configs, experiment_changes, save_config
 from esreid.data.loader import BadImageLog, build_train_loader
 from esreid.data.records import ReIDData
+from esreid.engine import distributed
 from esreid.engine.checkpoint import (
     CheckpointError,
     RunFolder,
@@ -37,14 +45,14 @@ from esreid.engine.checkpoint import (
 )
 from esreid.engine.data import check_data, load_data
 from esreid.engine.evaluate import evaluate_model, format_metrics
-from esreid.engine.objective import branch_loss, total_loss
+from esreid.engine.objective import TrainingObjective, branch_loss
 from esreid.engine.schedule import lr_factor
+from esreid.engine.tensorboard import cgram_overlay_batch, open_tensorboard, overlay_batch
 from esreid.metrics import write_results
 from esreid.models.esnet import ESNet, build_model
 from esreid.saliency import besm_erase
 from esreid.utils import (
     clean_stale_temp,
-    resolve_device,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -55,6 +63,12 @@ __all__ = ["CheckpointError", "EpochStats", "RunExistsError", "Trainer", "Traini
            "load_data"]
 
 log = logging.getLogger("esreid.train")
+
+#: Rank r's erasing generator starts from ``train.seed + 1 + RANK_SEED_STRIDE * r``, so the
+#: processes of a distributed run erase independently (rank 0 as a single-process run).
+RANK_SEED_STRIDE = 1_000_003
+
+_AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class RunExistsError(RuntimeError):
@@ -107,7 +121,9 @@ class Trainer:
     ``"auto"`` for its ``last.pt`` (``prev.pt`` when ``last.pt`` is damaged). On
     resume, keys of ``cfg`` that differ from the run's ``config.yaml`` and change the
     experiment need ``force``; every difference is recorded in ``metrics.jsonl``.
-    :meth:`fit` trains to ``cfg.optim.epochs`` and evaluates at the end.
+    :meth:`fit` trains to ``cfg.optim.epochs`` and evaluates at the end. Launched by
+    torchrun, every process builds a Trainer with the same arguments (see the module
+    docstring); ``self.ctx`` says which rank this one is.
     """
 
     def __init__(self, cfg: Config, data: ReIDData | None = None, run_dir: Path | None = None,
@@ -118,14 +134,24 @@ class Trainer:
                                 Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.name))
         self.run_dir = self.folder.path
         self.metrics_path = self.folder.metrics
+        self.ctx = distributed.setup(cfg.train.device)
+        self.device = self.ctx.device
+        self.is_main = self.ctx.is_main
+        self.world_size = self.ctx.world_size
+        if not self.is_main:
+            logging.getLogger("esreid").setLevel(logging.WARNING)  # rank 0 tells the story
         seed_everything(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
 
         # Everything that can be refused is checked before the first write.
-        self.data = data if data is not None else load_data(cfg)
+        self.data = data if data is not None else self._load_data(cfg)
         check_data(self.data, cfg)
+        d = cfg.data
+        if d.ids_per_batch % self.world_size:
+            raise ConfigError(
+                f"config key data.ids_per_batch: the {d.ids_per_batch} identities of a (global) "
+                f"batch must split evenly between the {self.world_size} processes")
         resume_state = None
-        if resume is not None:
+        if resume is not None and self.is_main:
             # A resumed folder is already a run: its log may record how the checkpoint was
             # chosen (e.g. the fall-back to prev.pt).
             setup_run_logging(self.run_dir)
@@ -145,19 +171,19 @@ class Trainer:
             changes = self._config_changes(resume_state, Path(resume), force)
 
         self.num_classes = self.data.num_train_pids
-        d = cfg.data
-        self.batch_size = d.ids_per_batch * d.num_instances
+        self.batch_size = d.ids_per_batch * d.num_instances  # global: all processes together
         self.loader = build_train_loader(
             self.data.train, d.height, d.width, batch_size=self.batch_size,
             num_instances=d.num_instances, num_workers=d.num_workers, seed=cfg.train.seed,
             flip_prob=d.flip_prob, pad=d.pad, on_bad_image=d.on_bad_image,
+            num_replicas=self.world_size, rank=self.ctx.rank,
         )
         self.iters_per_epoch = self._epoch_length(0)
         if self.iters_per_epoch < 1:
             raise ConfigError("the training split is too small for one batch "
                               f"of {d.ids_per_batch} ids x {d.num_instances} images")
 
-        self.model: ESNet = build_model(cfg.model, self.num_classes, cfg.erase).to(self.device)
+        self.model: ESNet = self._build_model()
         # P-pooling's exponent is excluded from weight decay, which would pull it towards
         # an arbitrary value of its parametrisation rather than towards "no pooling change".
         decay, no_decay = [], []
@@ -168,9 +194,15 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             [{"params": decay, "weight_decay": cfg.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
-        self.use_amp = cfg.train.amp == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.objective = self._wrap_objective(TrainingObjective(self.model, cfg.loss))
+        self.generator = torch.Generator(device="cpu").manual_seed(
+            cfg.train.seed + 1 + RANK_SEED_STRIDE * self.ctx.rank)
+        self.amp_dtype = _AMP_DTYPES[cfg.train.amp]
+        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
+            log.warning("train.amp=fp16 needs CUDA; training in float32 on %s (bf16 works on "
+                        "CPU)", self.device)
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.epoch = 0  # completed epochs
         self.iteration = 0  # steps done in the current epoch
         self.progress = _EpochProgress()
@@ -184,6 +216,13 @@ class Trainer:
             # config fails here and leaves the run folder as it was.
             self._restore(resume_state, Path(resume))
 
+        # Every process has checked the folder before rank 0 writes to it.
+        distributed.barrier(self.ctx)
+        self._tb: Any = None  # opened with the first scalar to log (see _tensorboard)
+        self._tb_purge = self.epoch + 1 if resume_state is not None else None
+        self._tb_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not self.is_main:
+            return
         # From here on the run folder is written.
         if overwrite and resume is None:
             self.folder.clear()
@@ -205,6 +244,44 @@ class Trainer:
                                    "changes": {k: list(v) for k, v in changes.items()}})
                 log.info("config changed on resume: %s", ", ".join(
                     f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+
+    # --- construction -----------------------------------------------------------------
+
+    def _load_data(self, cfg: Config) -> ReIDData:
+        """The config's dataset; in a distributed run rank 0 loads (and, for the synthetic
+        benchmark, generates) it first, so the processes never write the same files."""
+        if self.is_main:
+            data = load_data(cfg)
+        distributed.barrier(self.ctx)
+        if not self.is_main:
+            data = load_data(cfg)
+        return data
+
+    def _build_model(self) -> ESNet:
+        """The config's model on the device, in the configured memory format and BatchNorm."""
+        cfg = self.cfg
+        model = build_model(cfg.model, self.num_classes, cfg.erase).to(self.device)
+        if cfg.train.sync_bn and self.ctx.distributed:
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                log.warning("train.sync_bn needs CUDA; each process keeps its own BatchNorm "
+                            "statistics")
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _wrap_objective(self, objective: TrainingObjective) -> torch.nn.Module:
+        """The training forward as run: in DistributedDataParallel when several processes
+        train, compiled when ``train.compile`` is on."""
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            objective = DistributedDataParallel(
+                objective, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            objective = torch.compile(objective)
+        return objective
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -244,16 +321,45 @@ class Trainer:
                     kept.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
+    def _tensorboard(self) -> Any:
+        """The run's TensorBoard log (rank 0, ``train.tensorboard``, package installed),
+        opened on first use, so a run that logs nothing (a finished run resumed) leaves no
+        event file; None when there is none."""
+        if self._tb is None:
+            self._tb = False
+            if self.is_main:
+                # A resumed run hides the events after its checkpoint, as metrics.jsonl drops them.
+                self._tb = open_tensorboard(self.run_dir, self.cfg.train.tensorboard,
+                                            purge_step=self._tb_purge) or False
+            if self._tb:
+                self._tb_batch = overlay_batch(self.data.train, self.cfg.data.height,
+                                               self.cfg.data.width)
+        return self._tb or None
+
     def _log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        record = {**record, "world_size": self.world_size}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if record.get("type") in ("train", "eval") and self._tensorboard() is not None:
+            self._tb.log_record(record)
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
         """Write the whole training state atomically; returns the path.
 
         By default to ``last.pt``, whose previous version becomes ``prev.pt``. The state
         includes the position inside the current epoch and the epoch's running statistics.
+        In a distributed run every process must call it (each one's RNG and erasing
+        generator states are gathered); rank 0 writes.
         """
+        own = {"rng": rng_state(), "generator": self.generator.get_state()}
+        ranks = distributed.gather_to_main(self.ctx, own)
+        target = self.folder.last if path is None else Path(path)
+        if not self.is_main:
+            if path is None:
+                self._saved_at = (self.epoch, self.iteration)
+            return target
         state = {
             "epoch": self.epoch,
             "iteration": self.iteration,
@@ -265,9 +371,12 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-            "generator": self.generator.get_state(),
+            "rng": own["rng"],
+            "generator": own["generator"],
+            "world_size": self.world_size,
         }
+        if self.ctx.distributed:
+            state["ranks"] = ranks
         if path is None:
             path = save_checkpoint(state, self.folder.last, keep_previous=self.folder.prev)
             self._saved_at = (self.epoch, self.iteration)
@@ -284,8 +393,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        self.generator.set_state(ckpt["generator"])
+        own = self._own_random_state(ckpt)
+        if own is not None:
+            set_rng_state(own["rng"])
+            self.generator.set_state(own["generator"])
         self.epoch = int(ckpt["epoch"])
         self.iteration = int(ckpt.get("iteration", 0))
         self.progress = _EpochProgress(**ckpt.get("progress", {}))
@@ -293,6 +404,20 @@ class Trainer:
         self._saved_at = (self.epoch, self.iteration)
         where = f" iteration {self.iteration}" if self.iteration else ""
         log.info("resumed from %s at epoch %d%s", path, self.epoch, where)
+
+    def _own_random_state(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's RNG and generator states in ``ckpt``: its own entry when the checkpoint
+        comes from a run of the same world size, rank 0's otherwise on rank 0 (and none on
+        the other ranks, which keep their fresh seeds)."""
+        ranks = ckpt.get("ranks")
+        saved_world = int(ckpt.get("world_size", 1))
+        if ranks is not None and saved_world == self.world_size:
+            return ranks[self.ctx.rank]
+        if saved_world != self.world_size:
+            log.warning("the checkpoint was written by %d process(es), this run has %d: the "
+                        "batches continue where they were, but the erasing draws of ranks "
+                        "other than 0 start afresh", saved_world, self.world_size)
+        return {"rng": ckpt["rng"], "generator": ckpt["generator"]} if self.is_main else None
 
     # --- interruption -----------------------------------------------------------------
 
@@ -302,8 +427,11 @@ class Trainer:
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
         self._stop_signal = signum
-        if not self._in_steps:
-            self._interrupt()  # between steps (evaluation, checkpointing): stop right away
+        if not self._in_steps and not self.ctx.distributed:
+            # Between steps (evaluation, checkpointing): stop right away. A distributed run
+            # stops where all ranks agree (after the next step or epoch), since saving is
+            # collective.
+            self._interrupt()
         log.info("%s received: stopping after this step", signal.Signals(signum).name)
 
     def _interrupt(self) -> None:
@@ -317,6 +445,13 @@ class Trainer:
             f"stopped by {signal.Signals(signum).name} at {where}: checkpoint {self.folder.last}; "
             f"resume with: esreid train --resume {self.run_dir}"))
 
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop; all ranks learn the signal."""
+        signum = distributed.broadcast_flag(self.ctx, self._stop_signal or 0)
+        if signum and self._stop_signal is None:
+            self._stop_signal = signum
+        return bool(signum)
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -328,24 +463,31 @@ class Trainer:
     # --- training ---------------------------------------------------------------------
 
     def train_step(self, images: torch.Tensor, pids: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """One optimisation step on a batch; returns the loss and its parts."""
+        """One optimisation step on a batch; returns the loss and its parts (in a
+        distributed run: their means over the processes, the same on every rank)."""
         self.model.train()
-        with torch.autocast(self.device.type, enabled=self.use_amp):
-            out = self.model.forward_train(images, pids, generator=self.generator)
-            loss, parts = total_loss(out, pids, self.cfg.loss)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at epoch {self.epoch + 1}: {parts}")
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            loss, terms, info = self.objective(images, pids, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        names = list(terms) + list(info)
+        values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())]).tolist()
+        values = distributed.all_mean(self.ctx, values + list(info.values()))
+        loss_value, parts = values[0], dict(zip(names, values[1:], strict=True))
+        if not math.isfinite(loss_value):
+            # Before the optimiser step, so the last checkpointed weights stay the last good ones.
+            raise FloatingPointError(f"loss became {loss_value} at epoch {self.epoch + 1}: {parts}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        parts.update(out.info)
-        return float(loss.detach()), parts
+        return loss_value, parts
 
     def _epoch_length(self, epoch: int) -> int:
         """Batches in ``epoch``: the PK sampler's exact count, capped by optim.iters_per_epoch."""
         self.loader.sampler.set_epoch(epoch)
-        n = self.loader.sampler.epoch_length() // self.batch_size
+        n = self.loader.sampler.num_batches()
         cap = self.cfg.optim.iters_per_epoch
         return min(n, cap) if cap > 0 else n
 
@@ -377,7 +519,7 @@ class Trainer:
         now = time.time()
         start, segment_start, seen_before = now - acc.seconds, now, acc.seen
         bar = tqdm(total=n_iters, initial=first, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
-                   disable=not cfg.train.progress, leave=False, unit="it")
+                   disable=not (cfg.train.progress and self.is_main), leave=False, unit="it")
         last_batch = None
         self._in_steps = True
         try:
@@ -392,7 +534,7 @@ class Trainer:
                 acc.losses.append(loss)
                 for k, v in parts.items():
                     acc.sums[k] = acc.sums.get(k, 0.0) + v
-                acc.seen += images.shape[0]
+                acc.seen += images.shape[0] * self.world_size
                 acc.seconds = time.time() - start
                 self.iteration = it + 1
                 last_batch = (images, pids)
@@ -403,7 +545,7 @@ class Trainer:
                 if self.iteration < n_iters:
                     if every > 0 and self.iteration % every == 0:
                         self.save_checkpoint()
-                    if self._stop_signal is not None:
+                    if self._stop_requested():
                         self._interrupt()
         finally:
             self._in_steps = False
@@ -420,7 +562,7 @@ class Trainer:
                                   "lr": stats.lr, "images_per_s": stats.images_per_s,
                                   "seconds": elapsed, **stats.parts}
         record.update(self._ppool_values())
-        if cfg.train.diagnose_erasing and last_batch is not None:
+        if cfg.train.diagnose_erasing and last_batch is not None and self.is_main:
             record.update(self.erased_batch_loss(*last_batch))
         if cfg.data.on_bad_image == "skip":
             record["skipped_images"] = self.bad_images.count
@@ -464,11 +606,22 @@ class Trainer:
             self.model.train(was_training)
 
     def evaluate(self, features_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Evaluate the current model on the test split; logs and returns the results dict."""
-        result = evaluate_model(self.model, self.data, self.cfg, self.device, features_out)
+        """Evaluate the current model on the test split; logs and returns the results dict.
+
+        In a distributed run every process embeds a share of the test images and rank 0
+        scores them all; the other ranks return None."""
+        result = evaluate_model(self.model, self.data, self.cfg, self.device, features_out,
+                                ctx=self.ctx)
+        if result is None:
+            return None
         result["epoch"] = self.epoch
+        result["world_size"] = self.world_size
         self._log_metrics({"type": "eval", "epoch": self.epoch, **result["metrics"]})
         log.info("eval epoch %d: %s", self.epoch, format_metrics(result["metrics"]))
+        if self._tensorboard() is not None and self._tb_batch is not None:
+            images, pids = (t.to(self.device) for t in self._tb_batch)
+            maps = cgram_overlay_batch(self.model, images, pids)
+            self._tb.log_overlays("cgram/train", images, maps, step=self.epoch)
         return result
 
     def finished_results(self) -> dict[str, Any] | None:
@@ -507,7 +660,7 @@ class Trainer:
                 every = cfg.train.checkpoint_every
                 if last or (every > 0 and self.epoch % every == 0) or cfg.train.checkpoint_every_iters > 0:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self._interrupt()
                 if evaluate and not last and cfg.train.eval_every > 0 and self.epoch % cfg.train.eval_every == 0:
                     self.evaluate()
@@ -519,10 +672,15 @@ class Trainer:
         finally:
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
+            if self._tb:
+                self._tb.close()
 
-    def evaluate_and_save(self, features_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Final evaluation: :meth:`evaluate`, then write ``run_dir/results.json``."""
+    def evaluate_and_save(self, features_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any] | None:
+        """Final evaluation: :meth:`evaluate`, then write ``run_dir/results.json`` (rank 0;
+        the other ranks of a distributed run return None)."""
         result = self.evaluate(features_out)
+        if result is None:
+            return None
         result["run_dir"] = str(self.run_dir)
         if self.cfg.data.on_bad_image == "skip":
             result["skipped_images"] = {"train": self.bad_images.count,
