@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from esreid.data.datasets import VEHICLEID_TEST_SIZES
+from esreid.models.erasers import ERASERS, eraser_names
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -79,7 +80,7 @@ class ModelConfig:
 class EraseConfig:
     """How the ESB's input is erased during training (BESM or a comparison eraser)."""
 
-    method: str = "besm"  # none | besm | random | gradcam | bfd
+    method: str = "besm"  # none | besm | gradcam | random | bfd: esreid.models.erasers.ERASERS
     ratio: float = 0.2  # R: fraction of pixel positions erased (besm, gradcam)
     prob: float = 0.5  # P: probability that an image is erased
     value: float = 0.0  # erase value in normalised space
@@ -384,7 +385,7 @@ def validate(cfg: Config) -> None:
     choice("model.aib_pool", cfg.model.aib_pool, ("gap", "gmp", "ppool"))
     choice("model.esb_pool", cfg.model.esb_pool, ("gap", "gmp", "ppool"))
     choice("model.split", cfg.model.split, ("layer1", "layer2", "layer3", "layer4"))
-    choice("erase.method", cfg.erase.method, ("none", "besm", "random", "gradcam", "bfd"))
+    choice("erase.method", cfg.erase.method, eraser_names())
     choice("erase.layer", cfg.erase.layer, ("layer3", "layer4"))
     choice("eval.metric", cfg.eval.metric, ("cosine", "euclidean"))
     choice("data.on_bad_image", cfg.data.on_bad_image, ("error", "skip"))
@@ -393,7 +394,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.aib and model.esb are both false: at least one branch is needed")
     within("erase.ratio", cfg.erase.ratio, 0.0, 1.0)
     within("erase.prob", cfg.erase.prob, 0.0, 1.0)
-    if cfg.erase.method != "none" and not cfg.model.esb:
+    eraser = ERASERS[cfg.erase.method]
+    if eraser.needs_esb and not cfg.model.esb:
         raise ConfigError(
             f"erase.method={cfg.erase.method} erases the ESB's input but model.esb is false"
         )
@@ -413,8 +415,8 @@ def validate(cfg: Config) -> None:
         reason
         for reason, on in (
             ("the batch-hard triplet loss (loss.triplet is true)", cfg.loss.triplet),
-            ("BESM's easiest positive (erase.method is besm)",
-             cfg.erase.method == "besm" and cfg.model.esb),
+            (f"{eraser.pairs_reason} (erase.method is {cfg.erase.method})",
+             eraser.pairs_reason is not None and cfg.model.esb),
         )
         if on
     ]

@@ -11,21 +11,19 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from esreid.config import EraseConfig, ModelConfig
 from esreid.models.backbone import STAGES, build_resnet, feature_dim, stem
+from esreid.models.erasers import Eraser, NoErasing, eraser_from_config
 from esreid.models.heads import BNNeck
 from esreid.models.pooling import build_pooling
-from esreid.saliency import (
-    batch_cg_ram,
-    batch_feature_drop,
-    besm_erase,
-    grad_cam_batch,
-    random_erase,
-)
+from esreid.saliency.cgram import batch_cg_ram
+
+if TYPE_CHECKING:
+    from esreid.config import EraseConfig, ModelConfig
 
 
 @dataclass
@@ -99,8 +97,8 @@ class ESNet(nn.Module):
     """Shared trunk plus an optional AIB and an optional ESB.
 
     ``forward(images) -> descriptors [N, D]`` (concatenated BNNeck features of the branches;
-    what retrieval uses). :meth:`forward_train` runs a training step's forward, erasing the
-    ESB's input as ``erase`` says.
+    what retrieval uses). :meth:`forward_train` runs a training step's forward, the ESB
+    fed by ``eraser`` (see :mod:`esreid.models.erasers`; default: no erasing).
     """
 
     def __init__(
@@ -108,7 +106,7 @@ class ESNet(nn.Module):
         trunk: nn.Module,
         aib: Branch | None,
         esb: Branch | None,
-        erase: EraseConfig | None = None,
+        eraser: Eraser | None = None,
     ) -> None:
         super().__init__()
         if aib is None and esb is None:
@@ -116,9 +114,11 @@ class ESNet(nn.Module):
         self.trunk = trunk
         self.aib = aib
         self.esb = esb
-        self.erase = erase or EraseConfig(method="none")
-        if self.erase.method != "none" and esb is None:
-            raise ValueError(f"erase.method={self.erase.method} needs an ESB")
+        # A plain object, not a submodule: it holds options only and adds nothing to
+        # the state_dict, so checkpoints do not depend on the eraser.
+        self.eraser = eraser if eraser is not None else NoErasing()
+        if self.eraser.needs_esb and esb is None:
+            raise ValueError(f"erase.method={self.eraser.name} needs an ESB")
 
     def no_weight_decay(self) -> set[str]:
         """Full names of the parameters the optimiser must not decay (timm's convention:
@@ -149,45 +149,25 @@ class ESNet(nn.Module):
         """Batch CG-RAM maps [N, h, w] (Eq. 5) at layer ``erase.layer`` of ``branch``.
 
         The feature map comes from a no-grad forward of the branch's stages on the clean
-        batch; only the part of the branch after that layer is differentiated.
+        batch; only the part of the branch after that layer is differentiated. A branch
+        without that layer is explained at its last stage.
         """
         b = self.branches()[branch]
-        layer = self.erase.layer if self.erase.layer in b.stage_names else b.stage_names[-1]
+        layer = self.eraser.layer if self.eraser.layer in b.stage_names else b.stage_names[-1]
         with torch.no_grad():
             if shared is None:
                 shared = self.trunk(images)
             fmap = b.feature_map(shared.detach(), upto=layer)
         return batch_cg_ram(lambda a: b.head(a, after=layer).bn_feat, fmap, pids)
 
-    def _gradcam_maps(self, shared: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-        b = self.esb
-        layer = self.erase.layer
-        with torch.no_grad():
-            fmap = b.feature_map(shared.detach(), upto=layer)
-        return grad_cam_batch(lambda a: b.head(a, after=layer).logits, fmap, pids)
-
-    def _trunk_erased(self, shared: torch.Tensor, erased: torch.Tensor,
-                      was_erased: torch.Tensor) -> torch.Tensor:
-        """Trunk features of the erased batch I*.
-
-        Unerased images of I* are the clean images, so with ``erase.reuse_clean`` only the
-        erased ones take a second trunk pass and the rest reuse ``shared``.
-        """
-        if not bool(was_erased.any()):
-            return shared
-        if not self.erase.reuse_clean or bool(was_erased.all()):
-            return self.trunk(erased)
-        idx = was_erased.nonzero().squeeze(1).to(shared.device)
-        return shared.index_put((idx,), self.trunk(erased[idx]))
-
     def forward_train(
         self, images: torch.Tensor, pids: torch.Tensor, generator: torch.Generator | None = None
     ) -> TrainOutput:
         """Forward of one training step.
 
-        AIB sees ``images``; ESB sees them after the configured eraser. BESM costs one extra
-        no-grad forward of the ESB stages (for the saliency map) and a second trunk pass on
-        the erased images.
+        AIB sees ``images``; the eraser produces the ESB's output (BESM costs one extra
+        no-grad forward of the ESB stages for the saliency map and a second trunk pass on
+        the erased images). Its random draws come from ``generator``.
         """
         shared = self.trunk(images)
         out = TrainOutput(branches={})
@@ -195,26 +175,11 @@ class ESNet(nn.Module):
             out.branches["aib"] = self.aib(shared)
         if self.esb is None:
             return out
-        e = self.erase
-        esb_in = shared
-        if e.method in ("besm", "gradcam"):
-            if e.method == "besm":
-                maps = self.saliency_maps(images, pids, "esb", shared=shared)
-            else:
-                maps = self._gradcam_maps(shared, pids)
-            erased, was = besm_erase(images, maps, e.ratio, e.prob, e.value, generator=generator)
-            out.saliency, out.erased_images, out.was_erased = maps, erased, was
-            esb_in = self._trunk_erased(shared, erased, was)
-        elif e.method == "random":
-            erased, was = random_erase(images, prob=e.prob, value=e.value, generator=generator)
-            out.erased_images, out.was_erased = erased, was
-            esb_in = self._trunk_erased(shared, erased, was)
-        if e.method == "bfd":
-            fmap = self.esb.feature_map(esb_in)
-            fmap = batch_feature_drop(fmap, e.bfd_height, e.bfd_width, generator=generator)
-            out.branches["esb"] = self.esb.head(fmap)
-        else:
-            out.branches["esb"] = self.esb(esb_in)
+        erasure = self.eraser(self, images, pids, shared, generator)
+        out.branches["esb"] = erasure.esb
+        out.was_erased = erasure.was_erased
+        out.erased_images = erasure.erased_images
+        out.saliency = erasure.saliency
         if out.was_erased is not None:
             out.info["erased_frac"] = float(out.was_erased.float().mean())
         return out
@@ -234,7 +199,8 @@ def build_model(cfg: ModelConfig, num_classes: int, erase: EraseConfig | None = 
     """Build the baseline / ES-Net / ablation described by ``cfg`` for ``num_classes`` ids.
 
     Each branch gets its own copy of the stages from ``cfg.split`` on, both initialised from
-    the same (optionally ImageNet) weights.
+    the same (optionally ImageNet) weights. ``erase`` (an ``erase`` config section, or any
+    object with its attributes) picks the eraser from the registry; None: no erasing.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -247,4 +213,5 @@ def build_model(cfg: ModelConfig, num_classes: int, erase: EraseConfig | None = 
     own = [(s, getattr(resnet, s)) for s in STAGES[split:]]
     aib = _branch(copy.deepcopy(own), cfg.aib_pool, dim, num_classes, cfg) if cfg.aib else None
     esb = _branch(copy.deepcopy(own), cfg.esb_pool, dim, num_classes, cfg) if cfg.esb else None
-    return ESNet(trunk, aib, esb, erase)
+    eraser = eraser_from_config(erase) if erase is not None else None
+    return ESNet(trunk, aib, esb, eraser)
