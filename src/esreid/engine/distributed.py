@@ -21,8 +21,8 @@ from esreid.utils import resolve_device
 
 log = logging.getLogger("esreid.train")
 
-__all__ = ["DistContext", "all_mean", "barrier", "broadcast_flag", "cleanup", "gather_to_main",
-           "launched_by_torchrun", "setup", "shard"]
+__all__ = ["DistContext", "all_mean", "barrier", "broadcast_buffers", "broadcast_flag", "cleanup",
+           "gather_to_main", "launched_by_torchrun", "setup", "shard"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,19 @@ def barrier(ctx: DistContext) -> None:
     """Wait until every process gets here."""
     if ctx.distributed:
         dist.barrier()
+
+
+def broadcast_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts them at the start of each training forward, but each rank's last step
+    then updates them with its own batch; a model evaluated (or saved) between steps must
+    be rank 0's model on every rank.
+    """
+    if not ctx.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def gather_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:

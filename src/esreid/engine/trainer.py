@@ -46,6 +46,7 @@ from esreid.engine.checkpoint import (
 from esreid.engine.data import check_data, load_data
 from esreid.engine.evaluate import evaluate_model, format_metrics
 from esreid.engine.objective import TrainingObjective, branch_loss
+from esreid.engine.optim import build_optimizer
 from esreid.engine.schedule import lr_factor
 from esreid.engine.tensorboard import cgram_overlay_batch, open_tensorboard, overlay_batch
 from esreid.metrics import write_results
@@ -184,16 +185,7 @@ class Trainer:
                               f"of {d.ids_per_batch} ids x {d.num_instances} images")
 
         self.model: ESNet = self._build_model()
-        # P-pooling's exponent is excluded from weight decay, which would pull it towards
-        # an arbitrary value of its parametrisation rather than towards "no pooling change".
-        decay, no_decay = [], []
-        no_decay_names = self.model.no_weight_decay()
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if name in no_decay_names else decay).append(p)
-        self.optimizer = torch.optim.Adam(
-            [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.objective = self._wrap_objective(TrainingObjective(self.model, cfg.loss))
         self.generator = torch.Generator(device="cpu").manual_seed(
             cfg.train.seed + 1 + RANK_SEED_STRIDE * self.ctx.rank)
@@ -597,7 +589,7 @@ class Trainer:
         self.model.eval()
         try:
             name = "esb" if self.model.esb is not None else "aib"
-            ratio = self.cfg.erase.ratio if self.cfg.erase.method in ("besm", "gradcam") else 0.2
+            ratio = self.model.eraser.diagnostic_ratio
             maps = self.model.saliency_maps(images, pids, branch=name)
             erased, _ = besm_erase(images, maps, ratio, 1.0, self.cfg.erase.value)
             return {"erased_loss": self._branch_loss_eval(name, erased, pids),
@@ -610,6 +602,7 @@ class Trainer:
 
         In a distributed run every process embeds a share of the test images and rank 0
         scores them all; the other ranks return None."""
+        distributed.broadcast_buffers(self.ctx, self.model)
         result = evaluate_model(self.model, self.data, self.cfg, self.device, features_out,
                                 ctx=self.ctx)
         if result is None:
