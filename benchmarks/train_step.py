@@ -1,25 +1,28 @@
-"""Time one training step of Base, a two-branch model without erasing, and ES-Net.
+"""Time the Trainer's own training step for Base, a two-branch model without erasing, and ES-Net.
 
     python benchmarks/train_step.py [--backbone resnet50] [--height 384 --width 128]
-                                    [--ids 4 --instances 4] [--repeats 5] [--device cpu]
+                                    [--ids 4 --instances 4] [--repeats 5] [--warmup 1]
+                                    [--device cpu] [--set train.amp=bf16 train.channels_last=true]
 
-Prints the median seconds of ``--repeats`` steps (after warm-up steps) per model and the
-ratios measured in this one run. Target (issue 3): ES-Net / two-branch-without-erasing
-<= 1.35: one extra no-grad forward of the ESB stages for CG-RAM and a second trunk pass on
-the erased batch should be the whole extra cost.
+Each model is a real ``Trainer`` (its optimiser groups, autocast, scaler and memory format as
+configured) on the embedded synthetic benchmark in a temporary folder, and what is timed is
+``Trainer.train_step`` on one fixed random batch of ``--ids`` x ``--instances`` images (see
+``_trainer_step.py``; the classifier has max(ids, 8) classes, the synthetic benchmark's).
+``--set`` overrides apply to every model. Models take turns step by step; the script prints
+the median seconds of ``--repeats`` steps (after ``--warmup`` steps) per model with min and
+max, and the ratios measured in this one run. Target (issue 3): ES-Net /
+two-branch-without-erasing <= 1.35: one extra no-grad forward of the ESB stages for CG-RAM and
+a second trunk pass on the erased batch should be the whole extra cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import tempfile
+from pathlib import Path
 
-import torch
-
-from esreid.config import load_config
-from esreid.engine.objective import total_loss
-from esreid.models.esnet import build_model
+from _trainer_step import TrainerStep, fixed_batch, machine_description, prepare_data
 
 MODELS = [
     ("base", "base", []),
@@ -30,38 +33,8 @@ MODELS = [
 ]
 
 
-class StepRunner:
-    """One model with its optimiser and a fixed random batch; :meth:`step` times one step."""
-
-    def __init__(self, preset: str, overrides: list[str], args: argparse.Namespace) -> None:
-        cfg = load_config(preset, overrides + [f"model.backbone={args.backbone}",
-                                               "model.pretrained=none"])
-        torch.manual_seed(0)
-        self.device = torch.device(args.device)
-        self.loss_cfg = cfg.loss
-        self.model = build_model(cfg.model, 100, cfg.erase).to(self.device).train()
-        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=3.5e-4)
-        n = args.ids * args.instances
-        self.images = torch.randn(n, 3, args.height, args.width, device=self.device)
-        self.pids = torch.arange(args.ids, device=self.device).repeat_interleave(args.instances)
-        self.gen = torch.Generator().manual_seed(0)
-
-    def step(self) -> float:
-        """Seconds of one training step (forward, Eq. 1, backward, Adam)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = self.model.forward_train(self.images, self.pids, generator=self.gen)
-        loss, _ = total_loss(out, self.pids, self.loss_cfg)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-
 def main() -> None:
+    """Parse the options, time the models in turn and print the table and ratios."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--height", type=int, default=384)
@@ -71,18 +44,33 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config overrides applied to every model, e.g. train.amp=bf16")
     args = p.parse_args()
     print(f"{args.backbone} {args.height}x{args.width}, batch {args.ids}x{args.instances}, "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {args.device}: {machine_description(args.device)}; "
           f"median of {args.repeats} steps after {args.warmup} warm-up")
-    runners = {label: StepRunner(preset, overrides, args) for label, preset, overrides in MODELS}
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    # Models take turns step by step, so drifts of the machine's speed hit all of them alike.
-    for rep in range(args.warmup + args.repeats):
-        for label, runner in runners.items():
-            t = runner.step()
-            if rep >= args.warmup:
-                times[label].append(t)
+    if args.overrides:
+        print(f"overrides: {' '.join(args.overrides)}")
+    with tempfile.TemporaryDirectory(prefix="esreid-train-step-") as tmp:
+        work = Path(tmp)
+        data_root, synth_ids = prepare_data(work, args.ids)
+        images, pids = fixed_batch(args.ids, args.instances, args.height, args.width, args.device)
+        runners = {
+            label: TrainerStep(preset, overrides + args.overrides, backbone=args.backbone,
+                               device=args.device, images=images, pids=pids,
+                               instances=args.instances, data_root=data_root,
+                               synth_ids=synth_ids, run_dir=work / "runs" / str(i))
+            for i, (label, preset, overrides) in enumerate(MODELS)
+        }
+        print(f"{synth_ids // 2} classes (the synthetic benchmark's training identities)")
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        # Models take turns step by step, so drifts of the machine's speed hit all of them alike.
+        for rep in range(args.warmup + args.repeats):
+            for label, runner in runners.items():
+                t = runner.step()
+                if rep >= args.warmup:
+                    times[label].append(t)
     medians = {label: statistics.median(ts) for label, ts in times.items()}
     for label, ts in times.items():
         print(f"  {label:28s} {medians[label]:7.3f} s/step  (min {min(ts):.3f}, max {max(ts):.3f})")
