@@ -357,3 +357,21 @@ def test_grad_cam_batch_target_errors():
         grad_cam_batch(head, a, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="targets must be an integer tensor"):
         grad_cam_batch(head, a, torch.tensor([0.0, 1.0]))
+
+
+def test_batch_cg_ram_and_grad_cam_compute_in_float32_under_autocast():
+    """Under bf16 autocast the saliency is computed exactly as without it: the head (a
+    linear layer autocast would run in bf16) is evaluated in float32 on a float32 copy of a
+    (here bf16) feature map."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6))
+    a = torch.rand(6, 8, 4, 2).to(torch.bfloat16)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    plain = batch_cg_ram(head, a, pids)
+    plain_cam = grad_cam_batch(head, a, pids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = batch_cg_ram(head, a, pids)
+        mixed_cam = grad_cam_batch(head, a, pids)
+    assert plain.dtype == mixed.dtype == mixed_cam.dtype == torch.float32
+    assert (plain > 0).any() and (plain_cam > 0).any()
+    assert torch.equal(mixed, plain) and torch.equal(mixed_cam, plain_cam)

@@ -211,3 +211,22 @@ def test_unset_environment_variable_in_a_path_is_an_error(monkeypatch):
         "config key train.output_dir: environment variable ESREID_UNSET_VAR in "
         "'$ESREID_UNSET_VAR/runs' is not set"
     )
+
+
+@pytest.mark.parametrize("old,new", [(True, "fp16"), (False, "none")])
+def test_the_boolean_train_amp_still_loads_with_a_deprecation_warning(tmp_path, old, new):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"extends": "base", "train": {"amp": old}}))
+    with pytest.warns(DeprecationWarning, match=f"train.amp: true/false is deprecated.*as {new}"):
+        cfg = load_config(path)
+    assert cfg.train.amp == new
+    # Saved and loaded again, the run's config.yaml holds the new spelling.
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").train.amp == new
+
+
+def test_train_amp_values():
+    assert [load_config("base", [f"train.amp={v}"]).train.amp for v in ("none", "fp16", "bf16")] \
+        == ["none", "fp16", "bf16"]
+    with pytest.raises(ConfigError, match="config key train.amp: 'fp32' is not one of none, fp16, bf16"):
+        load_config("base", ["train.amp=fp32"])

@@ -209,3 +209,24 @@ def test_triplet_errors() -> None:
         TripletLoss(margin=-1)
     with pytest.raises(ValueError, match=r"dist must be square \[N, N\], got shape \(2, 3\)"):
         hard_mining(torch.zeros(2, 3), torch.tensor([0, 1]))
+
+
+def test_distances_and_id_loss_stay_float32_under_autocast() -> None:
+    """|a|^2 + |b|^2 - 2ab in bf16 would cancel to garbage for close features; under autocast
+    the distances and the label-smoothed CE are computed as without it."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 64, generator=gen) * 10
+    x = base + 0.01 * torch.randn(8, 64, generator=gen)  # close rows: large norms, small gaps
+    logits = torch.randn(8, 5, generator=gen)
+    targets = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    plain = pairwise_euclidean(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pairwise_euclidean(x)
+        mixed_triplet = batch_hard_triplet_loss(x, pids)
+        mixed_ce = cross_entropy_label_smooth(logits.to(torch.bfloat16), targets)
+        assert (x @ x.t()).dtype == torch.bfloat16  # autocast is on for a plain matmul
+    assert mixed.dtype == mixed_ce.dtype == torch.float32
+    assert torch.equal(mixed, plain)
+    assert torch.equal(mixed_triplet, batch_hard_triplet_loss(x, pids))
+    assert torch.equal(mixed_ce, cross_entropy_label_smooth(logits.to(torch.bfloat16).float(), targets))

@@ -126,6 +126,9 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False  # channels-last memory format for the model and the batches
     compile: bool = False  # torch.compile the training forward (and loss)
+    # The torch.compile backend: inductor (generated kernels), or e.g. aot_eager (traces
+    # forward and backward without generating code: quick to start, for checks).
+    compile_backend: str = "inductor"
     # Distributed runs on CUDA: SyncBatchNorm across processes (off, as the paper trains on
     # one GPU; per-process BatchNorm statistics otherwise).
     sync_bn: bool = False
@@ -500,7 +503,8 @@ RESUME_FREE_KEYS = frozenset({
     "optim.epochs",
     "train.device", "train.output_dir", "train.run_name", "train.checkpoint_every",
     "train.checkpoint_every_iters", "train.eval_every", "train.diagnose_erasing",
-    "train.progress", "train.tensorboard", "train.compile", "train.channels_last",
+    "train.progress", "train.tensorboard", "train.compile", "train.compile_backend",
+    "train.channels_last",
 })
 
 

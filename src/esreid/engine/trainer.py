@@ -272,7 +272,7 @@ class Trainer:
             objective = DistributedDataParallel(
                 objective, device_ids=[self.device] if self.device.type == "cuda" else None)
         if self.cfg.train.compile:
-            objective = torch.compile(objective)
+            objective = torch.compile(objective, backend=self.cfg.train.compile_backend)
         return objective
 
     # --- bookkeeping ------------------------------------------------------------------
