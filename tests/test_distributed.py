@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,57 @@ def test_shards_cover_the_items_once_in_order(n, world):
              for r in range(world)]
     assert sum(parts, []) == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """RANK -> pid of the processes torchrun started (its children with RANK set)."""
+    out = {}
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
+    return out
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path, synth_root):
+    run = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "esreid", "train", "--config", "esnet", "--no-eval", "--set", *TINY,
+           f"data.root={synth_root}", f"train.output_dir={tmp_path}", "train.run_name=stopped",
+           "optim.epochs=40", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + LIMIT_S
+        # Wait until rank 0 logged its first epoch, then signal rank 1 only.
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+        _, err = proc.communicate(timeout=LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0  # torchrun reports the stopped workers
+    # Rank 0, which got no signal, agreed to stop, saved and said where (one line).
+    assert err.count("esreid train: stopped by SIGTERM") == 1, err[-3000:]
+    ckpt = _load(run / "checkpoints" / "last.pt")
+    assert 1 <= ckpt["epoch"] < 40 and len(ckpt["ranks"]) == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, ckpt["epoch"] + 1))
+
+    # Resumed under torchrun (and told to finish one epoch later: optim.epochs may change).
+    end = ckpt["epoch"] + 1
+    train(tmp_path, synth_root, "stopped", f"optim.epochs={end}",
+          flags=("--resume", "auto", "--no-eval"))
+    done = _load(run / "checkpoints" / "last.pt")
+    assert (done["epoch"], done["iteration"]) == (end, 0)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "train"] == list(range(1, end + 1))
