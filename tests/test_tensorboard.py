@@ -222,3 +222,33 @@ def test_overlay_batch_picks_readable_pairs_in_record_order(tmp_path):
                             for n in ("b0", "b1", "c0", "c1")])
     assert torch.equal(images, expected)
     assert overlay_batch(records[:3], 64, 32) is None
+
+
+def test_a_training_run_logs_its_metrics_and_overlays(tmp_path):
+    """A real Trainer run: every numeric value of metrics.jsonl is in the event file at its
+    epoch, and each evaluation adds a CG-RAM overlay grid."""
+    import json
+
+    from esreid.data.synthetic import generate_synthetic
+    from esreid.engine.trainer import Trainer
+
+    root = tmp_path / "synthetic"
+    generate_synthetic(root, num_ids=8, height=32, width=16, seed=0, progress=False)
+    cfg = load_config("esnet", [
+        "model.backbone=resnet10", "model.pretrained=none", "data.name=synthetic",
+        f"data.root={root}", "data.height=32", "data.width=16", "data.ids_per_batch=2",
+        "data.num_instances=2", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0",
+        "optim.iters_per_epoch=1", "train.progress=false", "train.eval_every=1",
+        f"train.output_dir={tmp_path}", "train.run_name=run"])
+    Trainer(cfg).fit()
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    acc, scalars = _scalars(run / "tensorboard")
+    assert [r["type"] for r in records] == ["train", "eval", "train", "eval"]
+    for record in records:
+        for key, value in record.items():
+            tag = scalar_tag(record["type"], key)
+            if tag is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            assert (record["epoch"], pytest.approx(value)) in scalars[tag], (tag, record["epoch"])
+    assert [e.step for e in acc.Images("cgram/train")] == [1, 2]
