@@ -496,3 +496,134 @@ def test_resolve_synthetic_root_accepts_the_folder_or_its_parent(tmp_path):
     other.mkdir()
     (other / MANIFEST_NAME).write_text(json.dumps({"generator": "someone else"}))
     assert resolve_synthetic_root(other) is None
+
+
+# ----------------------------------------------------------------------------- occluded queries
+
+OCCLUDED = {**SMALL, "height": 64, "width": 32}
+
+
+@pytest.fixture(scope="module")
+def occluded_pair(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("occluded")
+    generate_synthetic(base / "clean", progress=False, **OCCLUDED)
+    generate_synthetic(base / "occluded", progress=False, occlude_queries="all", **OCCLUDED)
+    return base / "clean", base / "occluded"
+
+
+def test_occluded_queries_change_only_the_query_images(occluded_pair):
+    clean, occluded = occluded_pair
+    for split in ("bounding_box_train", "bounding_box_test"):
+        names = sorted(p.name for p in (clean / split).iterdir())
+        assert names == sorted(p.name for p in (occluded / split).iterdir())
+        for name in names:
+            assert (clean / split / name).read_bytes() == (occluded / split / name).read_bytes()
+    queries = sorted(p.name for p in (clean / "query").iterdir())
+    assert queries == sorted(p.name for p in (occluded / "query").iterdir())
+    for name in queries:
+        assert (clean / "query" / name).read_bytes() != (occluded / "query" / name).read_bytes()
+
+    before = json.loads((clean / MANIFEST_NAME).read_text())
+    after = json.loads((occluded / MANIFEST_NAME).read_text())
+    assert after["params"].pop("occlude_queries") == ["head", "upper", "lower", "shoes"]
+    assert "occlude_queries" not in before["params"]  # the ordinary manifest is unchanged
+    records = after.pop("occluded_queries")
+    parts = after.pop("occluded_parts")
+    assert after == before
+    assert sorted(r["file"] for r in records) == queries
+    assert sum(parts.values()) == len(queries)
+    assert {r["part"] for r in records} <= set(synthetic.OCCLUDABLE_PARTS)
+    assert len({r["part"] for r in records}) > 1  # drawn per query, not one for all
+    pid_cam = {name: (pid, cam) for name, pid, cam in _parse(occluded / "query")}
+    assert all(pid_cam[r["file"]] == (r["pid"], r["cam"]) for r in records)
+    # Loaded as a benchmark like any other: same records, same labels.
+    assert [(r.pid, r.camid) for r in load_dataset("synthetic", occluded).query] == [
+        (r.pid, r.camid) for r in load_dataset("synthetic", clean).query
+    ]
+
+
+def test_an_occluded_query_differs_from_its_clean_version_in_the_part_region(occluded_pair):
+    clean, occluded = occluded_pair
+    records = json.loads((occluded / MANIFEST_NAME).read_text())["occluded_queries"]
+    for r in records:
+        a = np.asarray(Image.open(clean / "query" / r["file"]), dtype=np.float64)
+        b = np.asarray(Image.open(occluded / "query" / r["file"]), dtype=np.float64)
+        diff = np.abs(a - b).mean(axis=2)
+        box = r["box"]
+        inside = np.zeros(diff.shape, bool)
+        inside[box["top"] : box["bottom"], box["left"] : box["right"]] = True
+        # Blur carries the change up to 4 px out of the box; JPEG then re-encodes each 16x16
+        # block (4:2:0 colour) it reaches, and the decoder's colour upsampling reads 2 px
+        # further. Everything beyond that is the clean image, bit for bit.
+        t, b = (box["top"] - 4) // 16 * 16 - 2, -(-(box["bottom"] + 4) // 16) * 16 + 2
+        left, right = (box["left"] - 4) // 16 * 16 - 2, -(-(box["right"] + 4) // 16) * 16 + 2
+        near = np.zeros(diff.shape, bool)
+        near[max(0, t) : b, max(0, left) : right] = True
+        assert inside.any()
+        assert not diff[~near].any(), r
+        assert diff[inside].mean() > 10 * max(diff[~inside].mean(), 0.5), r
+
+
+def test_the_part_patch_leaves_every_other_pixel_unchanged():
+    # Before JPEG the image is the clean one exactly, except within the blur's reach of the box.
+    specs = sample_identities(6, np.random.default_rng(0))
+    cams = sample_cameras(3, np.random.default_rng(1))
+    rows, cols = np.arange(128)[:, None], np.arange(64)[None, :]
+    for i in range(12):
+        spec, cam = specs[i % 6], cams[i % 3]
+        clean, no_box = synthetic._render(spec, cam, np.random.default_rng([5, i]), 128, 64, 0.15)
+        assert no_box is None
+        for part in synthetic.OCCLUDABLE_PARTS:
+            occ, (top, bottom, left, right) = synthetic._render(
+                spec, cam, np.random.default_rng([5, i]), 128, 64, 0.15,
+                (part, np.random.default_rng([6, i])),
+            )
+            changed = np.abs(clean.astype(int) - occ.astype(int)).max(axis=2) > 0
+            reach = np.maximum(
+                np.maximum(top - rows, rows - (bottom - 1)),
+                np.maximum(left - cols, cols - (right - 1)),
+            )
+            assert not changed[reach > 4].any(), (i, part)
+            assert changed[top:bottom, left:right].mean() > 0.5, (i, part)
+
+
+def test_occluded_queries_are_deterministic_and_can_be_restricted(occluded_pair, tmp_path):
+    _, occluded = occluded_pair
+    again = tmp_path / "again"
+    generate_synthetic(again, progress=False, occlude_queries=["upper", "head", "lower", "shoes"],
+                       **OCCLUDED)
+    for path in sorted((occluded / "query").iterdir()):
+        assert path.read_bytes() == (again / "query" / path.name).read_bytes()
+    assert (occluded / MANIFEST_NAME).read_text() == (again / MANIFEST_NAME).read_text()
+
+    shoes = tmp_path / "shoes"
+    summary = generate_synthetic(shoes, progress=False, occlude_queries="shoes", **OCCLUDED)
+    assert summary["params"]["occlude_queries"] == ["shoes"]
+    records = json.loads((shoes / MANIFEST_NAME).read_text())["occluded_queries"]
+    assert {r["part"] for r in records} == {"shoes"}
+    # ensure_synthetic tells the variants apart: asking for the clean one regenerates.
+    ensure_synthetic(shoes, progress=False, **OCCLUDED)
+    assert "occlude_queries" not in json.loads((shoes / MANIFEST_NAME).read_text())["params"]
+
+
+@pytest.mark.parametrize("value", ["arm", "", "head,arm", ["head", 3], 1, True])
+def test_a_bad_occlude_queries_value_is_named(tmp_path, value):
+    with pytest.raises(ValueError, match="occlude_queries must be 'all' or parts among head, "
+                                         "upper, lower, shoes"):
+        generate_synthetic(tmp_path / "x", progress=False, occlude_queries=value, **SMALL)
+    assert not list(tmp_path.iterdir())
+
+
+def test_synth_command_writes_the_occluded_variant_and_names_a_bad_value(tmp_path, capsys):
+    from esreid.cli import main
+
+    args = ["synth", "--ids", "6", "--cams", "3", "--height", "32", "--width", "16"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--occlude-queries"]) == 0
+    manifest = json.loads((tmp_path / "o" / MANIFEST_NAME).read_text())
+    assert manifest["params"]["occlude_queries"] == list(synthetic.OCCLUDABLE_PARTS)
+    assert len(manifest["occluded_queries"]) == manifest["counts"]["query"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad"), "--occlude-queries", "knees"]) == 2
+    err = capsys.readouterr().err
+    assert "--occlude-queries must be 'all' or parts among head, upper, lower, shoes" in err
+    assert "'knees'" in err and not (tmp_path / "bad").exists()

@@ -191,11 +191,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# generate_synthetic's parameter names -> the synth command's options, for its error lines.
+_SYNTH_OPTIONS = {"num_ids": "--ids", "num_cams": "--cams", "height": "--height",
+                  "width": "--width", "seed": "--seed", "occlude_queries": "--occlude-queries"}
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from esreid.data.synthetic import generate_synthetic
 
-    summary = generate_synthetic(Path(args.out), num_ids=args.ids, num_cams=args.cams,
-                                 height=args.height, width=args.width, seed=args.seed)
+    try:
+        summary = generate_synthetic(Path(args.out), num_ids=args.ids, num_cams=args.cams,
+                                     height=args.height, width=args.width, seed=args.seed,
+                                     occlude_queries=args.occlude_queries)
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        if name in _SYNTH_OPTIONS:
+            raise ValueError(f"{_SYNTH_OPTIONS[name]} {rest}") from err
+        raise
     print(f"wrote the synthetic benchmark to {args.out}: {summary}")
     return 0
 
@@ -448,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--occlude-queries", nargs="?", const="all", metavar="PARTS",
+                   help="the occluded-query variant: every query image gets one body part, "
+                        "drawn at random per query, covered by a patch; PARTS is 'all' (the "
+                        "default) or a comma-separated list among head, upper, lower, shoes. "
+                        "Training and gallery images are the ordinary benchmark's")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("demo", help="train Base and ES-Net on the synthetic benchmark (CPU, minutes)")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 __all__ = [
     "GENERATOR_VERSION",
     "MANIFEST_NAME",
+    "OCCLUDABLE_PARTS",
     "PART_ATTRIBUTES",
     "CameraStyle",
     "IdentitySpec",
@@ -123,6 +124,19 @@ _MAX_FAMILY_SIZE = 8
 # far apart in RGB, so that a camera's colour cast cannot make them identical: the difference
 # must stay learnable, only small in area.
 _MIN_COLOR_DISTANCE = 110.0
+
+#: Body parts an occluded-query variant may cover, each with its region in body coordinates
+#: (u0, u1, v0, v1): u across, v down, 0..1 over the body box. Each region holds every pixel the
+#: drawing routines below give that part (hat brim and long hair for the head, arms, straps and
+#: logo for the upper body, the skirt's flare for the lower body, a striding foot for the shoes).
+_PART_REGIONS: dict[str, tuple[float, float, float, float]] = {
+    "head": (0.26, 0.76, -0.01, 0.18),
+    "upper": (0.0, 1.0, 0.16, 0.56),
+    "lower": (0.08, 0.92, 0.50, 0.91),
+    "shoes": (0.12, 0.90, 0.90, 1.0),
+}
+#: Names accepted by ``occlude_queries`` (besides "all").
+OCCLUDABLE_PARTS: tuple[str, ...] = tuple(_PART_REGIONS)
 
 
 @dataclass(frozen=True)
@@ -678,6 +692,28 @@ def _draw_occluder(p: _Painter, rng: np.random.Generator) -> None:
         view += rng.normal(0, 12, size=view.shape).astype(np.float32)
 
 
+def _draw_part_occluder(
+    p: _Painter, part: str, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """Cover ``part``'s whole region with a plain or textured patch; return its canvas box
+    (r0, r1, c0, c1), half-open."""
+    u0, u1, v0, v1 = _PART_REGIONS[part]
+    # Each edge moves outwards by a little, so that the patch never lines up with a body edge
+    # the same way twice, yet always covers the part.
+    grow = rng.uniform(0.0, 0.03, size=4)
+    box = (u0 - grow[0], u1 + grow[1], v0 - grow[2], v1 + grow[3])
+    view, rows, cols = p.region(*box)
+    base = rng.uniform(20, 235, size=3)
+    view[:] = base
+    texture = _pick(rng, ("plain", "stripes", "noise"))
+    if texture == "stripes":
+        period = max(2.0, float(rng.uniform(0.03, 0.1)) * p.ph)
+        view[np.broadcast_to((rows // period) % 2 == 1, view.shape[:2])] = base * 0.6
+    elif texture == "noise":
+        view += rng.normal(0, 12, size=view.shape).astype(np.float32)
+    return p._box(p.x(box[0]), p.x(box[1]), p.y(box[2]), p.y(box[3]))
+
+
 def _finish(
     canvas: np.ndarray,
     cam: CameraStyle,
@@ -741,6 +777,25 @@ def render_image(
     _check_int("height", height, 16, 4096)
     _check_int("width", width, 8, 4096)
     _check_prob("occlusion_prob", occlusion_prob)
+    return _render(spec, camera, rng, height, width, occlusion_prob)[0]
+
+
+def _render(
+    spec: IdentitySpec,
+    camera: CameraStyle,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    occlusion_prob: float,
+    occlude: tuple[str, np.random.Generator] | None = None,
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """:func:`render_image`, optionally with ``occlude = (part, part_rng)``: that part covered.
+
+    The part's patch draws only from ``part_rng``, so ``rng`` is consumed exactly as without
+    it and the image is the unoccluded one everywhere but around the patch. Returns the pixels
+    and the patch's box in the output image (top, bottom, left, right; half-open, mirroring
+    applied), or None without ``occlude``.
+    """
     hs, ws = height * _SUPERSAMPLE, width * _SUPERSAMPLE
     canvas = np.empty((hs, ws, 3), dtype=np.float32)
     _draw_background(canvas, camera, rng)
@@ -748,7 +803,16 @@ def render_image(
     _draw_person(painter, spec, rng)
     if rng.random() < occlusion_prob:
         _draw_occluder(painter, rng)
-    return _finish(canvas, camera, rng, bool(rng.random() < _FLIP_PROB), height)
+    box = None
+    if occlude is not None:
+        r0, r1, c0, c1 = _draw_part_occluder(painter, *occlude)
+        s = _SUPERSAMPLE
+        box = (r0 // s, -(-r1 // s), c0 // s, -(-c1 // s))
+    flip = bool(rng.random() < _FLIP_PROB)
+    pixels = _finish(canvas, camera, rng, flip, height)
+    if box is not None and flip:
+        box = (box[0], box[1], width - box[3], width - box[2])
+    return pixels, box
 
 
 def _render_junk(
@@ -879,8 +943,13 @@ def _resolve_params(
     num_distractors: int | None = None,
     num_junk: int | None = None,
     jpeg_quality: int = 90,
+    occlude_queries: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate generator parameters and fill the defaults that depend on others."""
+    """Validate generator parameters and fill the defaults that depend on others.
+
+    ``occlude_queries`` enters the result only when given, so that the parameters (and the
+    manifest) of the ordinary benchmark stay what they were before the option existed.
+    """
     _check_int("num_ids", num_ids, 2, 9999)
     _check_int("num_cams", num_cams, _MIN_CAMS_PER_ID, 9)
     _check_int("height", height, 16, 4096)
@@ -894,6 +963,7 @@ def _resolve_params(
     _check_int("num_distractors", num_distractors, 0, 1_000_000)
     _check_int("num_junk", num_junk, 0, 1_000_000)
     _check_int("jpeg_quality", jpeg_quality, 1, 100)
+    occluded = _check_parts(occlude_queries)
     return {
         "num_ids": int(num_ids),
         "num_cams": int(num_cams),
@@ -906,7 +976,31 @@ def _resolve_params(
         "num_distractors": int(num_distractors),
         "num_junk": int(num_junk),
         "jpeg_quality": int(jpeg_quality),
+        **({} if occluded is None else {"occlude_queries": occluded}),
     }
+
+
+def _check_parts(value: Any) -> list[str] | None:
+    """``occlude_queries`` as a list of parts in canonical order (None when not given).
+
+    Accepts "all", a comma-separated string of part names or a sequence of them; anything
+    else raises ValueError naming the parameter and the choices.
+    """
+    if value is None:
+        return None
+    choices = f"'all' or parts among {', '.join(OCCLUDABLE_PARTS)} (comma-separated)"
+    if isinstance(value, str):
+        names = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = [v.strip() for v in value]
+    else:
+        raise ValueError(f"occlude_queries must be {choices}, got {value!r}")
+    if names == ["all"]:
+        return list(OCCLUDABLE_PARTS)
+    unknown = [n for n in names if n not in OCCLUDABLE_PARTS]
+    if unknown or not names:
+        raise ValueError(f"occlude_queries must be {choices}, got {value!r}")
+    return [part for part in OCCLUDABLE_PARTS if part in names]
 
 
 # ----------------------------------------------------------------------------- output
@@ -1086,6 +1180,7 @@ def generate_synthetic(
     num_distractors: int | None = None,
     num_junk: int | None = None,
     jpeg_quality: int = 90,
+    occlude_queries: str | Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate the synthetic benchmark into ``out_dir`` (Market-1501 layout); return a summary.
@@ -1095,7 +1190,12 @@ def generate_synthetic(
     ``num_cams`` cameras (each identity in 2-6);
     images ``height`` x ``width``; ``occlusion_prob`` of images partly occluded;
     ``num_distractors`` (default ``num_ids``) pid-0000 and ``num_junk`` (default
-    ``num_ids // 2``) pid-(-1) gallery images. The folder is built beside ``out_dir`` and
+    ``num_ids // 2``) pid-(-1) gallery images. With ``occlude_queries`` ("all", or some of
+    ``OCCLUDABLE_PARTS``, comma-separated or as a list) every query image additionally has one
+    of those parts, drawn from the query's own random stream, covered by a plain or textured
+    patch; every other file is byte-identical to the benchmark without the option, and the
+    manifest lists each query's part and patch box under ``occluded_queries``. The folder is
+    built beside ``out_dir`` and
     renamed into place, replacing an empty folder or a previous generated one (whose
     permission bits it keeps); a non-empty folder without a manifest is refused
     (``FileExistsError``) and never touched. Folders and files are created with the usual
@@ -1118,6 +1218,7 @@ def generate_synthetic(
         num_distractors,
         num_junk,
         jpeg_quality,
+        occlude_queries,
     )
     out = Path(out_dir)
     _check_target(out)
@@ -1139,20 +1240,50 @@ def generate_synthetic(
         for d in _SPLIT_DIRS:
             (tmp / d).mkdir()
         bar = tqdm(total=len(planned), desc="synth", unit="img", disable=not progress)
+        parts = params.get("occlude_queries")
+        occluded: list[dict[str, Any]] = []
         for index, (job, frame) in enumerate(planned):
             rng = np.random.default_rng([params["seed"], 3, index])
             cam = cameras[job.cam - 1]
+            name = _file_name(job.file_pid, job.cam, frame)
             if job.junk:
                 pixels = _render_junk(job.spec, cam, rng, params["height"], params["width"])
             else:
-                pixels = render_image(
-                    job.spec, cam, rng, params["height"], params["width"], params["occlusion_prob"]
+                occlude = None
+                if parts and job.folder == "query":
+                    # Its own stream, seeded by the image's index: the part does not depend on
+                    # anything but the seed, and the image's own stream is left untouched.
+                    part_rng = np.random.default_rng([params["seed"], 4, index])
+                    occlude = (parts[int(part_rng.integers(len(parts)))], part_rng)
+                pixels, box = _render(
+                    job.spec,
+                    cam,
+                    rng,
+                    params["height"],
+                    params["width"],
+                    params["occlusion_prob"],
+                    occlude,
                 )
-            path = tmp / job.folder / _file_name(job.file_pid, job.cam, frame)
+                if occlude is not None and box is not None:
+                    top, bottom, left, right = box
+                    occluded.append(
+                        {
+                            "file": name,
+                            "pid": job.file_pid,
+                            "cam": job.cam,
+                            "part": occlude[0],
+                            "box": {"top": top, "bottom": bottom, "left": left, "right": right},
+                        }
+                    )
+            path = tmp / job.folder / name
             Image.fromarray(pixels).save(path, format="JPEG", quality=params["jpeg_quality"])
             bar.update(1)
         bar.close()
         summary = _summary(specs, planned, params)
+        if parts:
+            summary["occluded_parts"] = {
+                part: sum(o["part"] == part for o in occluded) for part in parts
+            }
         manifest = {
             "generator": _GENERATOR_NAME,
             "version": GENERATOR_VERSION,
@@ -1160,6 +1291,7 @@ def generate_synthetic(
             **summary,
             "identities": [asdict(s) for s in specs],
             "camera_styles": [asdict(c) for c in cameras],
+            **({"occluded_queries": occluded} if parts else {}),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
         try:
