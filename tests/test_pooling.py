@@ -1,4 +1,4 @@
-"""Tests for GAP, GMP and P-pooling (ES-Net Eqs. 6-7)."""
+"""Tests for GAP, GMP, P-pooling (ES-Net Eqs. 6-7) and GeM (generalized mean)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from esreid.models.pooling import (
+    GeM,
     GlobalAvgPool,
     GlobalMaxPool,
     PPooling,
     build_pooling,
+    gem_pool,
     p_pool,
 )
 
@@ -191,7 +193,164 @@ def test_build_pooling():
     pool = build_pooling("ppool", init_l=4.0, num_channels=2)
     assert isinstance(pool, PPooling)
     assert pool.l.shape == (2,)
-    with pytest.raises(ValueError, match="unknown pooling 'avg'; valid names: gap, gmp, ppool"):
+    gem = build_pooling("gem", init_p=4.0)
+    assert isinstance(gem, GeM) and gem.p.item() == 4.0
+    assert build_pooling("gem").p.item() == 3.0
+    with pytest.raises(ValueError, match="unknown pooling 'avg'; valid names: gap, gem, gmp, ppool"):
         build_pooling("avg")
     with pytest.raises(ValueError, match=r"pooling 'gap' takes no options, got \['init_l'\]"):
         build_pooling("gap", init_l=3.0)
+
+
+# --- GeM: F = (mean_hw a^p)^(1/p), a = max(x, eps) ---------------------------------------
+
+
+def _gem_reference(x: torch.Tensor, p: float, eps: float = 1e-6) -> tuple:
+    """GeM, dF/dx and dF/dp written out in float64 with explicit powers.
+
+    With a = max(x, eps), n = HW and F = (sum a^p / n)^(1/p):
+    dF/dx_j = F^(1-p) a_j^(p-1) / n where x_j > eps (0 where clamped), and
+    dF/dp = F / p * (sum a^p ln a / sum a^p - ln F).
+    """
+    x = x.double()
+    a = torch.where(x > eps, x, torch.full_like(x, eps)).flatten(2)
+    n = a.shape[-1]
+    s_p = (a**p).sum(-1)
+    value = (s_p / n) ** (1.0 / p)
+    grad_x = value[..., None] ** (1.0 - p) * a ** (p - 1.0) / n
+    grad_x = (grad_x * (x.flatten(2) > eps)).view_as(x)
+    grad_p = value / p * ((a**p * a.log()).sum(-1) / s_p - value.log())
+    return value, grad_x, grad_p
+
+
+def test_gem_equals_gap_at_p_one():
+    x = _post_relu(10, dtype=torch.float64) + 0.1  # above eps: the clamp changes nothing
+    torch.testing.assert_close(gem_pool(x, 1.0), x.mean(dim=(2, 3)), rtol=1e-13, atol=0.0)
+    pool = GeM(init_p=1.0)
+    torch.testing.assert_close(pool(x.float()), x.float().mean(dim=(2, 3)), rtol=1e-6, atol=0.0)
+    # At p = 1 every position weighs 1/HW, so the gradient with respect to x is GAP's.
+    x = x.requires_grad_()
+    gem_pool(x, 1.0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1.0 / 20), rtol=1e-13, atol=0.0)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 3.0, 7.3])
+def test_gem_values_and_gradients_match_the_formula_float64(p):
+    x = _post_relu(11, dtype=torch.float64) * 3.0  # about half exact zeros, clamped to eps
+    value, grad_x, grad_p = _gem_reference(x, p)
+    for n in range(2):
+        for k in range(3):
+            xs = x.clone().requires_grad_()
+            p_t = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+            out = gem_pool(xs, p_t)
+            torch.testing.assert_close(out, value, rtol=1e-12, atol=0.0)
+            gx, gp = torch.autograd.grad(out[n, k], (xs, p_t))
+            expected_x = torch.zeros_like(x)
+            expected_x[n, k] = grad_x[n, k]
+            torch.testing.assert_close(gx, expected_x, rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(gp, grad_p[n, k], rtol=1e-10, atol=1e-14)
+
+
+def test_gem_gradcheck_float64():
+    x = torch.rand(2, 2, 3, 2, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    x = (x + 0.05).requires_grad_()
+    p = torch.tensor(2.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gem_pool, (x, p))
+
+
+def test_gem_module_gradient_wrt_p_and_x():
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(13)) + 0.05
+    pool = GeM()
+    xs = x.clone().requires_grad_()
+    pool(xs).sum().backward()
+    value, grad_x, grad_p = _gem_reference(x, 3.0)
+    torch.testing.assert_close(pool.p.grad, grad_p.sum().float(), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(xs.grad, grad_x.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_gem_large_p_approaches_gmp():
+    x = _peaked(14)
+    gmp = x.amax(dim=(2, 3))
+    for p in (50.0, 200.0):
+        out = gem_pool(x, p)
+        # One maximal position out of HW = 20 gives F >= max * (1/20)^(1/p); F <= max always.
+        assert torch.all(out <= gmp * (1 + 1e-6))
+        assert torch.all(out >= gmp * (1 / 20) ** (1 / p) * (1 - 1e-6))
+    torch.testing.assert_close(gem_pool(x, 200.0), gmp, rtol=2e-2, atol=0.0)
+
+
+def test_gem_large_p_large_activations_stay_finite():
+    # 50^1000 overflows every float type; the log-space evaluation never forms it.
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, 0, 1, 1] = 50.0
+    x[0, 1] = 50.0  # a constant channel: F = 50 for any p
+    x = x.requires_grad_()
+    out = gem_pool(x, torch.tensor(1000.0))
+    assert torch.isfinite(out).all()
+    expected = torch.tensor([[50.0 * (1 / 9) ** (1 / 1000), 50.0]])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=0.0)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_gem_clamps_at_eps():
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 1] = -5.0  # negatives clamp to eps like zeros
+    x[0, 2, 0, 0] = 4.0
+    x = x.requires_grad_()
+    out = gem_pool(x, 3.0, eps=1e-2)
+    # Channels 0 and 1 are eps everywhere; channel 2 is ((4^3 + 3 eps^3) / 4)^(1/3).
+    expected = torch.tensor([[1e-2, 1e-2, ((64 + 3e-6) / 4) ** (1 / 3)]])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0.0)
+    out.sum().backward()
+    clamped = x.detach() < 1e-2
+    assert torch.equal(x.grad[clamped], torch.zeros(int(clamped.sum())))
+    assert x.grad[0, 2, 0, 0] > 0
+
+
+def test_gem_parameter_and_weight_decay_declaration():
+    from types import SimpleNamespace
+
+    from esreid.engine.optim import build_optimizer
+
+    pool = GeM()
+    assert isinstance(pool.p, torch.nn.Parameter) and pool.p.shape == ()
+    assert pool.p.item() == 3.0
+    assert pool.no_weight_decay() == {"p"}
+    assert GeM(decay_p=True).no_weight_decay() == set()
+    cfg = SimpleNamespace(lr=1e-3, weight_decay=5e-4)
+    decayed, not_decayed = build_optimizer(pool, cfg).param_groups
+    assert decayed["params"] == [] and not_decayed["params"] == [pool.p]
+    decayed, not_decayed = build_optimizer(GeM(decay_p=True), cfg).param_groups
+    assert len(decayed["params"]) == 1 and not_decayed["params"] == []
+
+
+def test_gem_half_input_and_autocast_compute_in_float32():
+    x = _peaked(15)
+    out = gem_pool(x.half(), 3.0)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), gem_pool(x, 3.0), rtol=1e-3, atol=0.0)
+    pool = GeM()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pool(x)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, pool(x))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: GeM(init_p=0.0), "init_p must be a finite number > 0, got 0.0"),
+        (lambda: GeM(init_p=float("inf")), "init_p must be a finite number > 0, got inf"),
+        (lambda: GeM(eps=0.0), "eps must be > 0, got 0.0"),
+        (lambda: gem_pool(torch.ones(1, 1, 2, 2), 0.0), "p must be finite and non-zero, got 0.0"),
+        (
+            lambda: gem_pool(torch.ones(1, 2, 2, 2), torch.ones(2)),
+            r"p must be a scalar, got shape \(2,\)",
+        ),
+        (lambda: GeM()(torch.ones(2, 3)), r"\[N, C, H, W\], got shape \(2, 3\)"),
+    ],
+)
+def test_gem_rejects_bad_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

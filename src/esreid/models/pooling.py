@@ -1,4 +1,5 @@
-"""Global pooling layers: average (GAP), max (GMP) and ES-Net's learnable P-pooling (Eq. 6).
+"""Global pooling layers: average (GAP), max (GMP), ES-Net's learnable P-pooling (Eq. 6) and
+GeM, the generalized mean of Radenovic et al. (AGW's pooling).
 
 All layers map a feature map ``[N, C, H, W]`` to a descriptor ``[N, C]``.
 
@@ -8,6 +9,10 @@ the activations with weights ``a^(l-1)``, equal to GAP at ``l = 1`` and tending 
 ``F = exp(logsumexp(l * log a) - logsumexp((l - 1) * log a))``, after clamping ``a`` to a small
 ``eps`` so that exact zeros (post-ReLU) have a finite logarithm; neither sum is ever formed in
 linear space, so nothing overflows or underflows even for ``l = 100`` and activations of 50.
+
+GeM computes, per channel, ``(mean_a a^p)^(1/p)``: GAP at ``p = 1``, tending to GMP as
+``p -> inf``. It is evaluated in log space too, ``exp((logsumexp(p * log a) - log HW) / p)``,
+after the same clamp.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GlobalAvgPool", "GlobalMaxPool", "PPooling", "build_pooling", "p_pool"]
+__all__ = ["GeM", "GlobalAvgPool", "GlobalMaxPool", "PPooling", "build_pooling", "gem_pool", "p_pool"]
 
 
 def _check_feature_map(x: Tensor) -> None:
@@ -168,23 +173,100 @@ class PPooling(nn.Module):
         return f"l={per}, eps={self.eps}, max_l={self.max_l}"
 
 
+def gem_pool(x: Tensor, p: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """Generalized-mean (GeM) pooling of a feature map for a given exponent ``p``.
+
+    Args:
+        x: feature map [N, C, H, W], expected non-negative (post-ReLU); values below ``eps``
+            (including exact zeros and any negatives) are clamped to ``eps`` and get no
+            gradient.
+        p: the exponent, a Python number or a tensor of shape [] (learnable in ``GeM``).
+            ``p = 1`` is GAP, large ``p`` approaches GMP. ``p = 0`` (the geometric-mean limit)
+            is outside the formula: a number 0 raises, a tensor is not checked (that would
+            synchronise with the device on every call) and gives non-finite values.
+        eps: clamp floor, > 0.
+
+    Returns:
+        [N, C] descriptor ``(mean_{hw} clamp(x, eps)^p)^(1/p)`` in ``x``'s dtype.
+    """
+    _check_feature_map(x)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not isinstance(p, Tensor) and not (math.isfinite(p) and p != 0):
+        raise ValueError(f"GeM exponent p must be finite and non-zero, got {p}")
+    # As in p_pool: half-precision logs and powers lose too many digits, so compute in at
+    # least float32; log space keeps a^p from overflowing when p or the activations grow.
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    log_a = x.to(compute_dtype).clamp_min(eps).log().flatten(2)  # [N, C, HW]
+    p_t = torch.as_tensor(p, dtype=compute_dtype, device=x.device)
+    if p_t.dim() != 0:
+        raise ValueError(f"GeM exponent p must be a scalar, got shape {tuple(p_t.shape)}")
+    log_mean = torch.logsumexp(p_t * log_a, dim=-1) - math.log(log_a.shape[-1])
+    return torch.exp(log_mean / p_t).to(x.dtype)
+
+
+class GeM(nn.Module):
+    """Generalized-mean pooling with a learnable scalar exponent ``p``: [N, C, H, W] -> [N, C].
+
+    The parameter ``p`` is stored as is (initialised to ``init_p``), as in AGW's
+    "GeneralizedMeanPoolingP"; see :func:`gem_pool` for the formula and the clamp.
+
+    Weight decay: by default ``p`` is declared in :meth:`no_weight_decay`. Decay would pull
+    ``p`` towards 0, the geometric mean, a point that means nothing for the method (the
+    same reason P-pooling's exponent is not decayed); ``p`` chooses how the pooling weighs
+    large activations, it is not a weight whose size regularisation should limit. The
+    published AGW code does decay it (it sits in the default parameter group); ``decay_p=True``
+    reproduces that by declaring nothing.
+
+    Args:
+        init_p: initial exponent, finite and > 0 (AGW: 3).
+        eps: activations are clamped to at least ``eps`` before the power.
+        decay_p: leave ``p`` to weight decay (the published AGW behaviour).
+    """
+
+    def __init__(self, init_p: float = 3.0, eps: float = 1e-6, decay_p: bool = False) -> None:
+        super().__init__()
+        if not (math.isfinite(init_p) and init_p > 0):
+            raise ValueError(f"init_p must be a finite number > 0, got {init_p}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.eps = float(eps)
+        self.decay_p = bool(decay_p)
+        self.p = nn.Parameter(torch.tensor(float(init_p), dtype=torch.float32))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay: ``{"p"}`` unless ``decay_p``."""
+        return set() if self.decay_p else {"p"}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pool ``x`` [N, C, H, W] into [N, C] with the current exponent."""
+        return gem_pool(x, self.p, self.eps)
+
+    def extra_repr(self) -> str:
+        """Summarise the configuration for ``print(module)``."""
+        return f"p={float(self.p.detach()):.4f}, eps={self.eps}, decay_p={self.decay_p}"
+
+
 _POOLINGS: dict[str, type[nn.Module]] = {
     "gap": GlobalAvgPool,
     "gmp": GlobalMaxPool,
     "ppool": PPooling,
+    "gem": GeM,
 }
+_CONFIGURABLE = (PPooling, GeM)
 
 
 def build_pooling(name: str, **kwargs: object) -> nn.Module:
-    """Build a pooling layer by name: ``"gap"``, ``"gmp"`` or ``"ppool"``.
+    """Build a pooling layer by name: ``"gap"``, ``"gmp"``, ``"ppool"`` or ``"gem"``.
 
-    ``kwargs`` go to the constructor (only ``PPooling`` takes any). Returns the module;
+    ``kwargs`` go to the constructor (only ``PPooling`` and ``GeM`` take any, e.g.
+    ``build_pooling("gem", init_p=3.0)``). Returns the module;
     an unknown name raises ``ValueError`` listing the valid names.
     """
     if name not in _POOLINGS:
         valid = ", ".join(sorted(_POOLINGS))
         raise ValueError(f"unknown pooling {name!r}; valid names: {valid}")
     cls = _POOLINGS[name]
-    if kwargs and cls is not PPooling:
+    if kwargs and cls not in _CONFIGURABLE:
         raise ValueError(f"pooling {name!r} takes no options, got {sorted(kwargs)}")
     return cls(**kwargs)
