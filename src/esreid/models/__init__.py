@@ -1,4 +1,5 @@
-"""Models: ResNet backbones, pooling layers (GAP, GMP, P-pooling), BNNeck, erasers and ES-Net.
+"""Models: ResNet backbones, pooling layers (GAP, GMP, P-pooling, GeM), non-local blocks, BNNeck,
+erasers and ES-Net.
 
 Names are imported on first use: ``esreid.config`` reads the eraser registry
 (``esreid.models.erasers``), and importing this package must not load torch for that.
@@ -14,7 +15,8 @@ if TYPE_CHECKING:
     from esreid.models.erasers import ERASERS, Eraser, build_eraser, eraser_names
     from esreid.models.esnet import Branch, BranchOutput, ESNet, TrainOutput, build_model
     from esreid.models.heads import BNNeck
-    from esreid.models.pooling import GlobalAvgPool, GlobalMaxPool, PPooling, build_pooling
+    from esreid.models.non_local import NonLocal
+    from esreid.models.pooling import GeM, GlobalAvgPool, GlobalMaxPool, PPooling, build_pooling
 
 _EXPORTS = {
     "BNNeck": "heads",
@@ -23,8 +25,10 @@ _EXPORTS = {
     "ERASERS": "erasers",
     "ESNet": "esnet",
     "Eraser": "erasers",
+    "GeM": "pooling",
     "GlobalAvgPool": "pooling",
     "GlobalMaxPool": "pooling",
+    "NonLocal": "non_local",
     "PPooling": "pooling",
     "PretrainedWeightsError": "backbone",
     "TrainOutput": "esnet",
@@ -42,8 +46,10 @@ __all__ = [
     "ERASERS",
     "ESNet",
     "Eraser",
+    "GeM",
     "GlobalAvgPool",
     "GlobalMaxPool",
+    "NonLocal",
     "PPooling",
     "PretrainedWeightsError",
     "TrainOutput",
