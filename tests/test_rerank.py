@@ -1,125 +1,204 @@
-"""k-reciprocal re-ranking against a dense, loop-based version written from the paper."""
+"""k-reciprocal re-ranking against a dense version of the reference code's algorithm.
+
+``dense_rerank`` follows Zhong et al.'s published ``re_ranking(q_g_dist, q_q_dist, g_g_dist,
+k1, k2, lambda_value)`` step by step on full N x N matrices: pooled squared distances, each
+column divided by its maximum and the matrix transposed, ranking lists by argsort of the
+rows (stable, so ties go to the lower index), k-reciprocal sets of k1 + 1 entries, expansion
+by sets of round(k1 / 2) + 1 entries overlapping by strictly more than 2/3, V rows exp(-d)
+normalised to sum 1, query expansion over k2 rows when k2 != 1, Jaccard 1 - m / (2 - m) and
+the lambda mix on the query-gallery block. Unlike esreid it holds everything densely, takes
+distances from feature differences rather than matrix products and sums min(V, V) over
+whole rows rather than through an inverted index.
+"""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from esreid.metrics import compute_distance, k_reciprocal_rerank
+from esreid.metrics import evaluate_rank, k_reciprocal_rerank
 
 
-def reference_rerank(qf, gf, k1, k2, lam, metric):
-    """Zhong et al. (2017), Eqs. for N, R, R*, V, local query expansion and Jaccard, with loops.
+def dense_rerank(qf, gf, k1, k2, lam, metric, dtype=np.float64):
+    """Re-ranked [nq, ng] distances, densely; ``dtype=np.float32`` keeps the matrices in the
+    reference's float32."""
+    x = np.concatenate([qf, gf]).astype(np.float64)
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n, nq = len(x), len(qf)
+    dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2).astype(dtype)
+    dist = (dist / dist.max(axis=0)).T
+    rank = np.argsort(dist, axis=1, kind="stable")
 
-    Conventions as documented in esreid.metrics.rerank: pooled items, each ranking list
-    starts with the item itself, d = metric distance (float64) / its pooled maximum.
-    """
-    feats = np.concatenate([qf, gf]).astype(np.float64)
-    n, nq = len(feats), len(qf)
-    d = np.zeros((n, n))
+    def reciprocal_sets(k):
+        listed = np.zeros((n, n), dtype=bool)  # listed[j, i]: i is among j's first k
+        np.put_along_axis(listed, rank[:, :k], True, axis=1)
+        return [rank[i, :k][listed[rank[i, :k], i]] for i in range(n)]
+
+    half = int(np.around(k1 / 2.0))
+    r_full = reciprocal_sets(k1 + 1)
+    r_half = reciprocal_sets(half + 1)
+    v = np.zeros((n, n), dtype=dtype)
     for i in range(n):
-        for j in range(n):
-            if metric == "euclidean":
-                d[i, j] = np.linalg.norm(feats[i] - feats[j])
-            else:
-                cos = feats[i] @ feats[j] / (np.linalg.norm(feats[i]) * np.linalg.norm(feats[j]))
-                d[i, j] = 1.0 - cos
-    d /= d.max()
-
-    def ranking(i):
-        return sorted(range(n), key=lambda j: (j != i, d[i, j], j))
-
-    lists = [ranking(i) for i in range(n)]
-
-    def nn(i, k):
-        return lists[i][:k]
-
-    def recip(i, k):
-        return [j for j in nn(i, k) if i in nn(j, k)]
-
-    half = math.ceil(k1 / 2)
-    v = np.zeros((n, n))
-    for i in range(n):
-        r_star = set(recip(i, k1))
-        for q in recip(i, k1):
-            r_q = recip(q, half)
-            if len(set(recip(i, k1)) & set(r_q)) >= 2 / 3 * len(r_q):
-                r_star |= set(r_q)
-        for j in r_star:
-            v[i, j] = math.exp(-d[i, j])
-    v_exp = np.zeros_like(v)
-    for i in range(n):
-        for g in nn(i, k2):
-            v_exp[i] += v[g] / k2
-    out = np.zeros((nq, n - nq))
+        expanded = set(r_full[i])
+        for c in r_full[i]:
+            if len(set(r_half[c]) & set(r_full[i])) > 2.0 / 3.0 * len(r_half[c]):
+                expanded |= set(r_half[c])
+        cols = np.array(sorted(expanded), dtype=np.int64)  # empty when i misses its own list
+        weight = np.exp(-dist[i, cols])
+        v[i, cols] = weight / weight.sum()
+    if k2 != 1:
+        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    jaccard = np.empty((nq, n - nq), dtype=dtype)
     for a in range(nq):
-        for b in range(n - nq):
-            g = nq + b
-            num = sum(min(v_exp[a, k], v_exp[g, k]) for k in range(n))
-            den = sum(max(v_exp[a, k], v_exp[g, k]) for k in range(n))
-            out[a, b] = (1 - lam) * (1 - num / den) + lam * d[a, g]
-    return out
+        support = np.flatnonzero(v[a])  # min(v[a, k], .) is 0 elsewhere
+        m = np.minimum(v[a, support], v[nq:, support]).sum(axis=1)
+        jaccard[a] = 1 - m / (2 - m)
+    return (1 - lam) * jaccard + lam * dist[:nq, nq:]
 
 
-def clustered_features(seed, nq=8, ng=30, dim=6):
-    """Features drawn around a few centres, so k-reciprocal sets are non-trivial."""
+def market_like(seed, num_ids, dim=8, num_cams=6, noise=0.8):
+    """Clustered features in a Market-like split: every identity seen by 2-4 cameras with
+    1-3 images each; one image per (identity, camera) is a query for half the identities,
+    the rest is gallery, plus 10% distractors (pid 0)."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(5, dim)) * 3
-    labels = rng.integers(0, 5, size=nq + ng)
-    feats = centres[labels] + rng.normal(size=(nq + ng, dim))
-    return feats[:nq].astype(np.float32), feats[nq:].astype(np.float32)
+    centres = rng.normal(size=(num_ids, dim))
+    q, g = [], []
+    for pid in range(1, num_ids + 1):
+        cams = rng.choice(num_cams, size=rng.integers(2, 5), replace=False)
+        for cam in cams:
+            for shot in range(rng.integers(1, 4)):
+                item = (centres[pid - 1] + noise * rng.normal(size=dim), pid, cam)
+                (q if shot == 0 and pid % 2 == 0 else g).append(item)
+    for _ in range(len(g) // 10):
+        g.append((rng.normal(size=dim) * 1.5, 0, rng.integers(num_cams)))
+    qf, q_pids, q_cams = (np.array(c) for c in zip(*q, strict=True))
+    gf, g_pids, g_cams = (np.array(c) for c in zip(*g, strict=True))
+    return qf.astype(np.float32), gf.astype(np.float32), (q_pids, g_pids, q_cams, g_cams)
 
 
-@pytest.mark.parametrize(
-    ("seed", "k1", "k2", "lam", "metric", "chunk"),
-    [
-        (0, 6, 3, 0.3, "euclidean", 256),
-        (1, 5, 2, 0.3, "cosine", 7),
-        (2, 9, 1, 0.0, "euclidean", 3),
-        (3, 4, 4, 0.6, "cosine", 256),
-    ],
-)
-def test_matches_dense_reference(seed, k1, k2, lam, metric, chunk):
-    qf, gf = clustered_features(seed)
-    ref = reference_rerank(qf, gf, k1, k2, lam, metric)
+def assert_same_ranking_metrics(out, ref, labels):
+    """The two matrices give identical CMC curves, mAP and mINP."""
+    a, b = evaluate_rank(out, *labels), evaluate_rank(ref, *labels)
+    np.testing.assert_array_equal(a.cmc, b.cmc)
+    assert a.to_dict() == b.to_dict()
+
+
+def check_against_dense(qf, gf, labels, k1, k2, lam, metric, chunk=256):
+    """esreid equals the dense reference to float32 rounding, with identical metrics."""
+    ref = dense_rerank(qf, gf, k1, k2, lam, metric)
     out = k_reciprocal_rerank(
         qf, gf, k1=k1, k2=k2, lambda_value=lam, metric=metric, chunk_size=chunk
     )
-    assert out.shape == (8, 30) and out.dtype == np.float32
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
-    # Re-ranking changes the distances (the Jaccard term is not a no-op) ...
-    base = compute_distance(qf, gf, metric)
-    assert np.abs(out - base / base.max()).max() > 1e-2
+    assert out.shape == ref.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+    assert_same_ranking_metrics(out, ref.astype(np.float32), labels)
+    return out, ref
 
 
-def test_duplicate_items_keep_themselves_first():
-    qf, gf = clustered_features(5, nq=4, ng=12)
-    gf[3] = qf[0]  # an exact duplicate of a query in the gallery
-    ref = reference_rerank(qf, gf, 4, 2, 0.3, "euclidean")
-    out = k_reciprocal_rerank(qf, gf, k1=4, k2=2, lambda_value=0.3)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+@pytest.mark.parametrize(
+    ("seed", "ids", "k1", "k2", "lam", "metric", "chunk"),
+    [
+        (0, 30, 20, 6, 0.3, "euclidean", 256),
+        (1, 40, 20, 6, 0.3, "cosine", 37),
+        (2, 60, 7, 1, 0.3, "euclidean", 64),
+        (3, 50, 5, 3, 0.0, "cosine", 256),
+        (4, 120, 20, 6, 0.3, "euclidean", 100),
+        (5, 80, 9, 1, 0.6, "cosine", 256),
+        (6, 40, 1, 2, 0.5, "euclidean", 13),
+    ],
+)
+def test_matches_dense_reference(seed, ids, k1, k2, lam, metric, chunk):
+    qf, gf, labels = market_like(seed, ids)
+    out, _ = check_against_dense(qf, gf, labels, k1, k2, lam, metric, chunk)
+    # The Jaccard term is no no-op: re-ranking moves distances away from the lambda=1 ones.
+    base = k_reciprocal_rerank(qf, gf, k1=k1, k2=k2, lambda_value=1.0, metric=metric)
+    assert np.abs(out - base).max() > 1e-2
 
 
-def test_lambda_one_returns_scaled_original_distance():
-    qf, gf = clustered_features(4)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_float32_reference_agrees(metric):
+    """The reference's own float32 matrices give the same result to float32 accuracy and the
+    same metrics."""
+    qf, gf, labels = market_like(7, 60)
+    ref32 = dense_rerank(qf, gf, 20, 6, 0.3, metric, dtype=np.float32)
+    out = k_reciprocal_rerank(qf, gf, k1=20, k2=6, lambda_value=0.3, metric=metric)
+    np.testing.assert_allclose(out, ref32, rtol=0, atol=2e-6)
+    assert_same_ranking_metrics(out, ref32, labels)
+
+
+@pytest.mark.parametrize(
+    ("metric", "k1", "k2", "lam"),
+    [("euclidean", 20, 6, 0.3), ("cosine", 6, 1, 0.3), ("euclidean", 2, 3, 0.0),
+     ("cosine", 1, 2, 0.3)],
+)
+def test_duplicated_features(metric, k1, k2, lam):
+    """Exact copies (and, for cosine, copies scaled by powers of two) tie at distance 0 and
+    the ranking lists order them by pooled index, so an item can follow its own copy and,
+    in a group larger than k1 + 1, miss its own list."""
+    qf, gf, labels = market_like(8, 40, dim=32)
+    # float64 features off the float32 grid: products round, so the copies' distances are
+    # exact zeros only if computed as such.
+    qf, gf = qf.astype(np.float64) * np.pi, gf.astype(np.float64) * np.pi
+    rng = np.random.default_rng(9)
+    for dst, src in zip(rng.choice(len(gf), 25, replace=False), rng.choice(len(gf), 25), strict=True):
+        gf[dst] = gf[src]
+    gf[:5] = qf[:5]  # queries copied into the gallery, behind the query in pooled order
+    gf[5:10] = gf[10:15]
+    gf[40:44] = qf[20]  # a group of five
+    if metric == "cosine":
+        gf[20:25] = 2.0 * gf[30:35]
+        gf[25:30] = 0.5 * qf[10:15]
+    check_against_dense(qf, gf, labels, k1, k2, lam, metric, chunk=16)
+
+
+@pytest.mark.parametrize(
+    ("metric", "k1", "k2", "lam"),
+    [("euclidean", 20, 6, 0.3), ("euclidean", 10, 1, 0.5), ("cosine", 20, 6, 0.3),
+     ("cosine", 5, 2, 0.0)],
+)
+def test_quantised_features_with_many_ties(metric, k1, k2, lam):
+    """Coarse features make many exactly equal distances, so lists hinge on tie-breaking."""
+    if metric == "euclidean":
+        qf, gf, labels = market_like(10, 50, dim=3, noise=0.5)
+        qf, gf = np.round(qf * 2) / 2, np.round(gf * 2) / 2  # multiples of 0.5: exact sums
+    else:
+        # Signs of 16-d features: every cosine is a multiple of 1/8 and exact in floating point.
+        qf, gf, labels = market_like(11, 50, dim=16, noise=1.0)
+        qf, gf = np.where(qf >= 0, 1.0, -1.0), np.where(gf >= 0, 1.0, -1.0)
     pooled = np.concatenate([qf, gf])
-    dmax = compute_distance(pooled, pooled).max()
+    d = ((pooled[:, None] - pooled[None]) ** 2).sum(axis=2)
+    assert len(np.unique(d)) < d.size / 500  # on average hundreds of pairs share each value
+    check_against_dense(qf.astype(np.float32), gf.astype(np.float32), labels, k1, k2, lam, metric)
+
+
+def test_lambda_one_returns_row_scaled_squared_distance():
+    qf, gf, _ = market_like(12, 30)
+    pooled = np.concatenate([qf, gf]).astype(np.float64)
+    d = ((pooled[:, None] - pooled[None]) ** 2).sum(axis=2)
+    expected = d[: len(qf), len(qf) :] / d[: len(qf)].max(axis=1, keepdims=True)
     out = k_reciprocal_rerank(torch.from_numpy(qf), torch.from_numpy(gf), lambda_value=1.0, k1=5)
-    np.testing.assert_allclose(out, compute_distance(qf, gf) / dmax, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_all_identical_items_give_finite_distances():
+    """The reference divides 0 by 0 here; esreid keeps the all-zero rows."""
+    qf, gf = np.ones((2, 4), np.float32), np.ones((5, 4), np.float32)
+    out = k_reciprocal_rerank(qf, gf, k1=3, k2=2, lambda_value=0.3)
+    np.testing.assert_allclose(out, 0.0, atol=1e-7)
 
 
 def test_shapes_and_range():
-    qf, gf = clustered_features(6, nq=3, ng=11)
+    qf, gf, _ = market_like(13, 30)
     out = k_reciprocal_rerank(qf, gf, k1=5, k2=2)
-    assert out.shape == (3, 11)
+    assert out.shape == (len(qf), len(gf))
     assert np.all(out >= 0) and np.all(out <= 1 + 1e-6)
 
 
 def test_validation_errors():
-    qf, gf = clustered_features(7, nq=2, ng=5)
+    rng = np.random.default_rng(14)
+    qf, gf = rng.normal(size=(2, 6)), rng.normal(size=(5, 6))
     with pytest.raises(ValueError, match="k1 must be a positive integer, got 0"):
         k_reciprocal_rerank(qf, gf, k1=0)
     with pytest.raises(ValueError, match="k2 must be a positive integer, got 2.5"):
