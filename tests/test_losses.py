@@ -10,10 +10,12 @@ import torch
 from esreid.losses import (
     CrossEntropyLabelSmooth,
     TripletLoss,
+    WeightedRegularizedTripletLoss,
     batch_hard_triplet_loss,
     cross_entropy_label_smooth,
     hard_mining,
     pairwise_euclidean,
+    weighted_regularized_triplet_loss,
 )
 
 
@@ -230,3 +232,177 @@ def test_distances_and_id_loss_stay_float32_under_autocast() -> None:
     assert torch.equal(mixed, plain)
     assert torch.equal(mixed_triplet, batch_hard_triplet_loss(x, pids))
     assert torch.equal(mixed_ce, cross_entropy_label_smooth(logits.to(torch.bfloat16).float(), targets))
+
+
+# --- Weighted regularization triplet (AGW) ------------------------------------------------
+
+
+def _wrt_reference(feats: torch.Tensor, pids: list[int], published: bool = False) -> torch.Tensor:
+    """The weighted regularization triplet written out per anchor, in float64 torch scalars.
+
+    D_ij = sqrt(max(|f_i - f_j|^2, 1e-12)); P(i) = same pid (i included), N(i) = other pids;
+    d_p = sum_P exp(D) D / sum_P exp(D), d_n = sum_N exp(-D) D / sum_N exp(-D);
+    loss = mean_i log(1 + exp(d_p - d_n)). ``published``: the weights are
+    exp(e_j - s) / (sum exp(e_k - s) + 1e-6) with s the row maximum of e_j * [j in set]
+    (entries outside the set count as 0).
+    """
+    n = feats.shape[0]
+    dist = [
+        [torch.sqrt(torch.clamp(((feats[i] - feats[j]) ** 2).sum(), min=1e-12)) for j in range(n)]
+        for i in range(n)
+    ]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        weighted = []
+        for sign, members in (
+            (1.0, [j for j in range(n) if pids[j] == pids[i]]),
+            (-1.0, [j for j in range(n) if pids[j] != pids[i]]),
+        ):
+            if published:
+                shift = max(sign * dist[i][j] if j in members else torch.zeros(()) for j in range(n))
+                terms = [torch.exp(sign * dist[i][j] - shift) for j in members]
+                z = sum(terms) + 1e-6
+            else:
+                terms = [torch.exp(sign * dist[i][j]) for j in members]
+                z = sum(terms)
+            weighted.append(sum(t / z * dist[i][j] for t, j in zip(terms, members, strict=True)))
+        d_p, d_n = weighted
+        total = total + torch.log1p(torch.exp(d_p - d_n))
+    return total / n
+
+
+@pytest.mark.parametrize("published", [False, True])
+def test_weighted_triplet_values_and_gradients_match_the_formula(published: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    feats = torch.randn(9, 5, generator=gen, dtype=torch.float64) * 1.5
+    # Identity 7 has a single sample: its only positive is itself (d_p = 1e-6), and it
+    # still counts as an anchor.
+    pids = [0, 0, 0, 1, 1, 2, 2, 2, 7]
+    x = feats.clone().requires_grad_()
+    got = weighted_regularized_triplet_loss(x, torch.tensor(pids), published_quirks=published)
+    (grad,) = torch.autograd.grad(got, x)
+    ref_x = feats.clone().requires_grad_()
+    expected = _wrt_reference(ref_x, pids, published)
+    (expected_grad,) = torch.autograd.grad(expected, ref_x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+    module = WeightedRegularizedTripletLoss(published_quirks=published)
+    assert torch.equal(module(feats, torch.tensor(pids)), got.detach())
+    assert f"published_quirks={published}" in repr(module)
+
+
+@pytest.mark.parametrize("published", [False, True])
+def test_weighted_triplet_gradcheck(published: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(6, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert torch.autograd.gradcheck(
+        lambda f: weighted_regularized_triplet_loss(f, pids, published_quirks=published), (feats,)
+    )
+
+
+def test_weighted_triplet_hand_example() -> None:
+    # Points 0, 1, 3, 5 on a line, identities {0, 1} and {3, 5}; each anchor's own distance
+    # is 1e-6 (pairwise_euclidean's clamp) and it is one of its positives.
+    e = math.exp
+    s = 1e-6
+
+    def avg(pairs):  # sum w d / sum w over (weight, distance) pairs
+        return sum(w * d for w, d in pairs) / sum(w for w, _ in pairs)
+
+    d_p = [
+        avg([(e(s), s), (e(1), 1)]),  # anchor 0: itself, 1 at distance 1
+        avg([(e(s), s), (e(1), 1)]),  # anchor 1: itself, 0 at distance 1
+        avg([(e(s), s), (e(2), 2)]),  # anchor 3: itself, 5 at distance 2
+        avg([(e(s), s), (e(2), 2)]),  # anchor 5: itself, 3 at distance 2
+    ]
+    d_n = [
+        avg([(e(-3), 3), (e(-5), 5)]),  # anchor 0: negatives 3 and 5
+        avg([(e(-2), 2), (e(-4), 4)]),  # anchor 1
+        avg([(e(-3), 3), (e(-2), 2)]),  # anchor 3: negatives 0 and 1
+        avg([(e(-5), 5), (e(-4), 4)]),  # anchor 5
+    ]
+    expected = sum(math.log1p(e(p - q)) for p, q in zip(d_p, d_n, strict=True)) / 4
+    feats = torch.tensor([[0.0], [1.0], [3.0], [5.0]], dtype=torch.float64)
+    got = weighted_regularized_triplet_loss(feats, torch.tensor([0, 0, 1, 1]))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    # By hand: the four terms are 0.07834, 0.20007, 0.47131 and 0.07834.
+    assert expected == pytest.approx(0.20701, abs=1e-5)
+
+
+def test_weighted_triplet_is_invariant_to_sample_order() -> None:
+    gen = torch.Generator().manual_seed(6)
+    feats = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    pids = torch.tensor([3, 3, 1, 1, 1, 8, 8, 3])
+    perm = torch.randperm(8, generator=gen)
+    x = feats.clone().requires_grad_()
+    loss = weighted_regularized_triplet_loss(x, pids)
+    loss.backward()
+    xp = feats[perm].clone().requires_grad_()
+    loss_p = weighted_regularized_triplet_loss(xp, pids[perm])
+    loss_p.backward()
+    torch.testing.assert_close(loss_p, loss, rtol=1e-13, atol=0.0)
+    torch.testing.assert_close(xp.grad, x.grad[perm], rtol=1e-11, atol=1e-14)
+
+
+def test_weighted_triplet_far_apart_features_stay_finite() -> None:
+    # Distances in the thousands: exp(D) overflows every float type unless the row maximum
+    # is subtracted. The weights are then one-hot (or an even split for the tie of anchor
+    # 3000, whose negatives are both 2000 away), so by hand, with softplus(t) = t here:
+    # anchor 0:    d_p = 3000, d_n = 1000 -> 2000
+    # anchor 3000: d_p = 3000, d_n = 2000 -> 1000
+    # anchor 1000: d_p = 4000, d_n = 1000 -> 3000
+    # anchor 5000: d_p = 4000, d_n = 2000 -> 2000          mean: 2000
+    feats = torch.tensor([[0.0], [3000.0], [1000.0], [5000.0]], requires_grad=True)
+    pids = torch.tensor([0, 0, 1, 1])
+    loss = weighted_regularized_triplet_loss(feats, pids)
+    loss.backward()
+    assert loss.item() == pytest.approx(2000.0, rel=1e-6)
+    # The per-anchor terms are x1 - x2, x1 - x0 - (x3 - x2) / 2, x3 - 2 x2 + x0 and x1 - x2.
+    torch.testing.assert_close(feats.grad, torch.tensor([[0.0], [0.75], [-0.875], [0.125]]))
+    # The published weights subtract nothing for the negatives: every exp(-D) underflows,
+    # d_n collapses to 0 and the loss is the mean d_p, (3000 + 3000 + 4000 + 4000) / 4.
+    published = weighted_regularized_triplet_loss(feats, pids, published_quirks=True)
+    assert published.item() == pytest.approx(3500.0, rel=1e-6)
+
+
+def test_weighted_triplet_published_weights_agree_at_small_distances_only() -> None:
+    gen = torch.Generator().manual_seed(7)
+    feats = torch.randn(8, 4, generator=gen, dtype=torch.float64) * 0.5
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ours = weighted_regularized_triplet_loss(feats, pids)
+    theirs = weighted_regularized_triplet_loss(feats, pids, published_quirks=True)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0.0)
+    # Scaled so that the nearest negatives are about 20 away, the 1e-6 in the published
+    # denominator outweighs sum exp(-D): the negatives' weights nearly vanish.
+    far = feats * (20.0 / pairwise_euclidean(feats)[pids[:, None] != pids[None, :]].min())
+    assert weighted_regularized_triplet_loss(far, pids, published_quirks=True) > 1.5 * (
+        weighted_regularized_triplet_loss(far, pids)
+    )
+
+
+def test_weighted_triplet_same_under_autocast() -> None:
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(1, 32, generator=gen) * 10
+    x = base + 0.05 * torch.randn(8, 32, generator=gen)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    plain = weighted_regularized_triplet_loss(x, pids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = weighted_regularized_triplet_loss(x, pids)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain)
+
+
+def test_weighted_triplet_errors() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"no anchor has a negative \(a sample of another identity\) in the batch; "
+        r"pids = \[4, 4, 4\]",
+    ):
+        weighted_regularized_triplet_loss(torch.randn(3, 2), torch.tensor([4, 4, 4]))
+    with pytest.raises(ValueError, match=r"features must be \[N, D\], got shape \(3,\)"):
+        weighted_regularized_triplet_loss(torch.randn(3), torch.tensor([0, 1, 1]))
+    with pytest.raises(
+        ValueError, match=r"pids: expected a 1-D tensor of 3 labels, got shape \(2,\)"
+    ):
+        WeightedRegularizedTripletLoss()(torch.randn(3, 2), torch.tensor([0, 1]))

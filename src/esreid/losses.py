@@ -1,4 +1,5 @@
-"""Training losses of Eq. 1: label-smoothed cross-entropy and batch-hard triplet.
+"""Training losses: label-smoothed cross-entropy and batch-hard triplet (Eq. 1), and AGW's
+weighted regularization triplet.
 
 Each loss is a plain function (easy to test against a hand computation) plus a thin
 ``nn.Module`` wrapper holding its hyper-parameter, in the pytorch-metric-learning style:
@@ -14,10 +15,12 @@ from torch import Tensor, nn
 __all__ = [
     "CrossEntropyLabelSmooth",
     "TripletLoss",
+    "WeightedRegularizedTripletLoss",
     "batch_hard_triplet_loss",
     "cross_entropy_label_smooth",
     "hard_mining",
     "pairwise_euclidean",
+    "weighted_regularized_triplet_loss",
 ]
 
 # Squared distances are clamped to this before the square root: d/dx sqrt(x) is infinite
@@ -134,6 +137,77 @@ def batch_hard_triplet_loss(features: Tensor, pids: Tensor, margin: float | None
     return per_anchor.mean()
 
 
+def _published_softmax_weights(exponent: Tensor, mask: Tensor) -> Tensor:
+    """Softmax weights over the True entries of ``mask`` as the published AGW code forms
+    them (see :func:`weighted_regularized_triplet_loss`): shifted by the row maximum of
+    ``exponent`` with the other entries counted as 0, and 1e-6 added to the denominator."""
+    shift = torch.where(mask, exponent, torch.zeros_like(exponent)).amax(dim=1, keepdim=True)
+    # The published code exponentiates every entry and multiplies by the mask, so an entry
+    # outside the set far above the shift overflows to inf and turns into NaN; masking
+    # before exp gives the finite value the formula has.
+    unnormalised = torch.exp((exponent - shift).masked_fill(~mask, float("-inf")))
+    return unnormalised / (unnormalised.sum(dim=1, keepdim=True) + 1e-6)
+
+
+def weighted_regularized_triplet_loss(
+    features: Tensor, pids: Tensor, published_quirks: bool = False
+) -> Tensor:
+    """AGW's weighted regularization triplet loss (Ye et al., 2021) on Euclidean distances.
+
+    Takes ``features`` [N, D] and ``pids`` [N]; returns a scalar. With ``D`` from
+    :func:`pairwise_euclidean`, the positives ``P(i)`` of anchor i are the samples of its
+    identity, i itself included (its distance is 1e-6, the clamp of ``pairwise_euclidean``),
+    and the negatives ``N(i)`` the samples of other identities. Softmax weights
+    ``exp(D_ij) / sum_{k in P(i)} exp(D_ik)`` over the positives and
+    ``exp(-D_ij) / sum_{k in N(i)} exp(-D_ik)`` over the negatives (each computed with the
+    row maximum of its exponent over its own entries subtracted, so large distances do not
+    overflow) give ``d_p(i) = sum_{P(i)} w_ij D_ij`` and ``d_n(i) = sum_{N(i)} w_ij D_ij``,
+    and the loss is ``mean_i log(1 + exp(d_p(i) - d_n(i)))`` over all anchors. There is no
+    margin and no mining: every pair contributes, the farther positives and the closer
+    negatives the more. Distances and weights are computed in float32 (or float64) even
+    under autocast. Raises ValueError when no anchor has a negative (a single identity).
+
+    ``published_quirks=True`` reproduces the published AGW code's weights, which differ in
+    two ways: 1e-6 is added to each softmax denominator, and the shift is the row maximum
+    of the exponent with the masked entries counted as 0. For the positives this changes
+    the result only at the 1e-6 level (the exponents are >= 0 and the largest term is 1).
+    For the negatives the exponents ``-D`` are all below 0, so nothing is subtracted and
+    the weights sum to ``S / (S + 1e-6)`` with ``S = sum exp(-D)``: for a lone negative,
+    0.98 at distance 10, 0.5 at 13.8 and 0.002 at 20. Beyond about 10, ``d_n`` shrinks
+    towards 0 and the negatives stop contributing; features are not normalised, so how
+    often that happens depends on their scale. Where the published code gets NaN (in
+    float32, a negative more than about 89 farther than the farthest positive overflows
+    ``exp`` before the mask multiplies it by 0), this gives the finite value of its formula.
+    """
+    if features.dim() != 2:
+        raise ValueError(
+            "weighted_regularized_triplet_loss: features must be [N, D], got shape "
+            f"{tuple(features.shape)}"
+        )
+    _check_labels("weighted_regularized_triplet_loss: pids", pids, features.shape[0])
+    same = pids[:, None] == pids[None, :]
+    if bool(same.all()):
+        raise ValueError(
+            "weighted_regularized_triplet_loss: no anchor has a negative (a sample of another "
+            f"identity) in the batch; pids = {pids.tolist()}"
+        )
+    dist = pairwise_euclidean(features)
+    with torch.autocast(dist.device.type, enabled=False):
+        if published_quirks:
+            w_p = _published_softmax_weights(dist, same)
+            w_n = _published_softmax_weights(-dist, ~same)
+        else:
+            # softmax subtracts each row's maximum; -inf leaves the other set's entries out
+            # of both the maximum and the sum (every row has a positive: the anchor itself;
+            # every row has a negative once two identities are present).
+            w_p = torch.softmax(dist.masked_fill(~same, float("-inf")), dim=1)
+            w_n = torch.softmax((-dist).masked_fill(same, float("-inf")), dim=1)
+        d_p = (w_p * dist).sum(dim=1)
+        d_n = (w_n * dist).sum(dim=1)
+        # log(1 + exp(t)) = -logsigmoid(-t), evaluated without overflow for any t.
+        return -F.logsigmoid(d_n - d_p).mean()
+
+
 class CrossEntropyLabelSmooth(nn.Module):
     """Module form of :func:`cross_entropy_label_smooth` with a fixed ``epsilon``."""
 
@@ -170,3 +244,20 @@ class TripletLoss(nn.Module):
     def extra_repr(self) -> str:
         """Show the margin when the module is printed."""
         return f"margin={self.margin}"
+
+
+class WeightedRegularizedTripletLoss(nn.Module):
+    """Module form of :func:`weighted_regularized_triplet_loss` (it has no margin)."""
+
+    def __init__(self, published_quirks: bool = False) -> None:
+        """Store whether to reproduce the published AGW code's softmax weights."""
+        super().__init__()
+        self.published_quirks = bool(published_quirks)
+
+    def forward(self, features: Tensor, pids: Tensor) -> Tensor:
+        """Return the scalar weighted regularization triplet loss of ``features`` [N, D]."""
+        return weighted_regularized_triplet_loss(features, pids, self.published_quirks)
+
+    def extra_repr(self) -> str:
+        """Show the published-code switch when the module is printed."""
+        return f"published_quirks={self.published_quirks}"
