@@ -92,6 +92,27 @@ def test_train_transform_flip_probability_extremes() -> None:
     torch.testing.assert_close(build_transforms(16, 8, True, flip_prob=0.0)(image), ref)
 
 
+def test_random_erasing_sets_one_rectangle_to_the_mean_pixel() -> None:
+    image = _gradient_image()
+    ref = build_transforms(16, 8, True, flip_prob=0.0, random_erasing=0.0)(image)
+    torch.testing.assert_close(ref, _normalised(image), atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    areas = []
+    for _ in range(20):
+        out = build_transforms(16, 8, True, flip_prob=0.0, random_erasing=1.0)(image)
+        changed = (out != ref).any(dim=0)
+        rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+        box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+        # One axis-aligned rectangle, erased to 0 in normalised space (the mean pixel) in
+        # every channel; everything outside it untouched.
+        assert changed[box].all() and changed.sum() == changed[box].numel()
+        assert (out[:, box[0], box[1]] == 0).all()
+        areas.append(changed.sum().item() / changed.numel())
+    assert 0.0 < min(areas) and max(areas) <= 0.45  # 2-40% of the image, rounded to pixels
+    with pytest.raises(ValueError, match="random_erasing must be in \\[0, 1\\], got 1.5"):
+        build_transforms(16, 8, True, random_erasing=1.5)
+
+
 def test_train_transform_pad_crop_is_a_window_of_the_padded_image() -> None:
     image = _gradient_image()
     pad = 2

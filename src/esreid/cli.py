@@ -132,13 +132,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from esreid.engine.checkpoint import evaluation_results_path, model_from_checkpoint
-    from esreid.engine.data import check_data, load_data
+    from esreid.engine.data import check_data, load_eval_data
     from esreid.engine.evaluate import evaluate_model, format_metrics
     from esreid.metrics import write_results
     from esreid.utils import resolve_device
 
     path, ckpt, cfg = _checkpoint_and_config(args)
-    data = load_data(cfg)
+    data = load_eval_data(cfg)  # eval.dataset / eval.root: cross-domain testing
     check_data(data, cfg, training=False)
     device = resolve_device(cfg.train.device)
     model = model_from_checkpoint(path, cfg, ckpt=ckpt).to(device)
@@ -146,6 +146,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_model(model, data, cfg, device)
     result["checkpoint"] = str(path)
     result["epoch"] = int(ckpt.get("epoch", 0))
+    result["train_dataset"] = cfg.data.name
     out = (Path(os.path.expandvars(args.out)).expanduser() if args.out
            else evaluation_results_path(path, data.name, cfg.eval.rerank))
     write_results(out, result)

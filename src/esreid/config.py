@@ -21,13 +21,17 @@ from typing import Any
 
 import yaml
 
-from esreid.data.datasets import VEHICLEID_TEST_SIZES
+from esreid.data.datasets import DATASET_NAMES, VEHICLEID_TEST_SIZES
 from esreid.models.erasers import ERASERS, eraser_names
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 #: Values of ``train.amp``.
 AMP_MODES = ("none", "fp16", "bf16")
+#: Values of ``model.aib_pool`` / ``model.esb_pool`` (the names ``build_pooling`` resolves).
+POOLINGS = ("gap", "gmp", "ppool", "gem")
+#: Values of ``loss.triplet_kind``.
+TRIPLET_KINDS = ("hard", "weighted")
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,9 @@ class DataConfig:
     num_workers: int = 2
     flip_prob: float = 0.5
     pad: int = 0  # >0: pad then random-crop back to size
+    # Random Erasing augmentation of every training image (Zhong et al.; AGW uses 0.5): the
+    # probability that a rectangle of 2-40% of the image is set to the mean pixel.
+    random_erasing: float = 0.0
     test_size: int = 800  # VehicleID test list: 800 | 1600 | 2400
     cam_pattern: str = ""  # custom folders: regex with one group giving the camera from a file name
     synth_ids: int = 300  # synthetic benchmark: number of identities (generated when missing)
@@ -70,10 +77,17 @@ class ModelConfig:
     split: str = "layer3"  # first stage each branch owns (layer3: share stem+layer1+layer2)
     aib: bool = True  # All Information Branch: clean images
     esb: bool = True  # Erasing Salient Branch: erased images
-    aib_pool: str = "gap"  # gap | gmp | ppool
+    aib_pool: str = "gap"  # gap | gmp | ppool | gem
     esb_pool: str = "ppool"
     ppool_init: float = 3.0
     ppool_per_channel: bool = False
+    # Non-local blocks per stage (layer1..layer4), after the stage's last blocks; AGW's are
+    # [0, 2, 3, 0]. With ES-Net's split the trunk's blocks are shared, each branch owns its own.
+    non_local: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    # AGW's published code (what Table VII's numbers come from) differs from the AGW paper: a
+    # non-local block's inner width is 1 channel and the stem has no ReLU after its BatchNorm.
+    # true reproduces the code; false gives the paper's form (width C / 2, the usual stem).
+    agw_published_quirks: bool = False
 
 
 @dataclass
@@ -100,6 +114,9 @@ class LossConfig:
     label_smooth: float = 0.1
     triplet: bool = True
     margin: float = 0.3
+    # hard: batch-hard triplet (Hermans et al.); weighted: AGW's weighted regularization
+    # triplet (softmax-weighted distances, soft margin; no margin).
+    triplet_kind: str = "hard"
 
 
 @dataclass
@@ -160,6 +177,10 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     num_draws: int = 10  # VehicleID protocol draws
+    # Cross-domain testing: evaluate on another benchmark than the training one (its query
+    # and gallery). Empty: the training dataset (data.name) and root (data.root).
+    dataset: str = ""
+    root: str = ""  # ~ and $VARS expand
 
 
 @dataclass
@@ -327,7 +348,7 @@ def _deprecated_amp(value: bool) -> str:
 
 
 # Keys holding a file or folder path. model.pretrained is a path unless it names a source.
-_PATH_KEYS = ("data.root", "train.output_dir", "model.pretrained")
+_PATH_KEYS = ("data.root", "train.output_dir", "model.pretrained", "eval.root")
 _PRETRAINED_SOURCES = ("imagenet", "none", "")
 _UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
@@ -385,8 +406,16 @@ def validate(cfg: Config) -> None:
             interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
             raise ConfigError(f"config key {key}: {value} is outside {interval}")
 
-    choice("model.aib_pool", cfg.model.aib_pool, ("gap", "gmp", "ppool"))
-    choice("model.esb_pool", cfg.model.esb_pool, ("gap", "gmp", "ppool"))
+    choice("model.aib_pool", cfg.model.aib_pool, POOLINGS)
+    choice("model.esb_pool", cfg.model.esb_pool, POOLINGS)
+    choice("loss.triplet_kind", cfg.loss.triplet_kind, TRIPLET_KINDS)
+    if len(cfg.model.non_local) != 4:
+        raise ConfigError("config key model.non_local: one count per stage (layer1..layer4), "
+                          f"got {cfg.model.non_local}")
+    for i, count in enumerate(cfg.model.non_local):
+        at_least(f"model.non_local[{i}]", count, 0)
+    if cfg.eval.dataset:
+        choice("eval.dataset", cfg.eval.dataset, DATASET_NAMES)
     choice("model.split", cfg.model.split, ("layer1", "layer2", "layer3", "layer4"))
     choice("erase.method", cfg.erase.method, eraser_names())
     choice("erase.layer", cfg.erase.layer, ("layer3", "layer4"))
@@ -430,6 +459,7 @@ def validate(cfg: Config) -> None:
             "image of the same identity in every batch"
         )
     within("data.flip_prob", data.flip_prob, 0.0, 1.0)
+    within("data.random_erasing", data.random_erasing, 0.0, 1.0)
     at_least("data.pad", data.pad, 0)
     at_least("data.num_workers", data.num_workers, 0)
     if data.test_size not in VEHICLEID_TEST_SIZES:

@@ -742,21 +742,28 @@ def load_custom(root: str | os.PathLike[str], *, cam_pattern: str | None = None)
 # --------------------------------------------------------------------------- entry point
 
 
+_LOADERS: dict[str, Callable[..., ReIDData]] = {
+    "market1501": load_market1501,
+    "dukemtmc": load_dukemtmc,
+    "msmt17": load_msmt17,
+    "veri776": load_veri776,
+    "vehicleid": load_vehicleid,
+    "custom": load_custom,
+    "synthetic": load_synthetic,
+}
+
+#: The dataset names :func:`load_dataset` accepts.
+DATASET_NAMES = tuple(_LOADERS)
+
+
 def load_dataset(name: str, root: str | os.PathLike[str], **options: object) -> ReIDData:
     """Load benchmark ``name`` from ``root`` with the loader's keyword ``options``.
 
-    Names: market1501, dukemtmc, msmt17, veri776, vehicleid, custom, synthetic. Raises
-    ValueError for an unknown name and TypeError for an option the loader does not take.
+    Names: :data:`DATASET_NAMES` (market1501, dukemtmc, msmt17, veri776, vehicleid, custom,
+    synthetic). Raises ValueError for an unknown name and TypeError for an option the loader
+    does not take.
     """
-    loaders: dict[str, Callable[..., ReIDData]] = {
-        "market1501": load_market1501,
-        "dukemtmc": load_dukemtmc,
-        "msmt17": load_msmt17,
-        "veri776": load_veri776,
-        "vehicleid": load_vehicleid,
-        "custom": load_custom,
-        "synthetic": load_synthetic,
-    }
+    loaders = _LOADERS
     loader = loaders.get(name.lower())
     if loader is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(loaders)}")

@@ -426,6 +426,7 @@ def build_train_loader(
     pin_memory: bool = False,
     on_bad_image: str = "error",
     num_replicas: int = 1,
+    random_erasing: float = 0.0,
     rank: int = 0,
 ) -> DataLoader:
     """Training DataLoader with PK batches and train-time augmentation.
@@ -448,7 +449,8 @@ def build_train_loader(
         [r.pid for r in records], num_instances=num_instances, batch_size=batch_size, seed=seed,
         num_replicas=num_replicas, rank=rank,
     )
-    transform = build_transforms(height, width, is_train=True, flip_prob=flip_prob, pad=pad)
+    transform = build_transforms(height, width, is_train=True, flip_prob=flip_prob, pad=pad,
+                                 random_erasing=random_erasing)
     dataset = ImageDataset(
         records, transform, seed=seed, on_bad_image=on_bad_image, replace_bad=True
     )

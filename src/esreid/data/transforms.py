@@ -23,6 +23,7 @@ def build_transforms(
     is_train: bool,
     flip_prob: float = 0.5,
     pad: int = 0,
+    random_erasing: float = 0.0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Callable:
@@ -32,7 +33,9 @@ def build_transforms(
     convert to float in [0, 1] and normalise channel-wise with ``mean``/``std``. With
     ``is_train`` the image is also flipped horizontally with probability ``flip_prob`` and,
     when ``pad > 0``, zero-padded (black, before normalisation) by ``pad`` pixels on every
-    side and randomly cropped back to (height, width). Randomness comes from torch's global
+    side and randomly cropped back to (height, width), and with probability ``random_erasing``
+    a rectangle of 2-40% of its area (aspect 0.3-3.3) is set to 0 after normalisation, i.e.
+    to the mean pixel (Random Erasing, Zhong et al.). Randomness comes from torch's global
     generator. Returns a callable taking an RGB PIL image and returning a float32 tensor
     [3, height, width].
     """
@@ -45,6 +48,9 @@ def build_transforms(
         raise ValueError(f"build_transforms: flip_prob must be in [0, 1], got {flip_prob}")
     if pad < 0:
         raise ValueError(f"build_transforms: pad must be >= 0, got {pad}")
+    if not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(
+            f"build_transforms: random_erasing must be in [0, 1], got {random_erasing}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(
             f"build_transforms: mean and std need 3 values (RGB), got mean={tuple(mean)}, "
@@ -65,6 +71,11 @@ def build_transforms(
     steps += [
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
+    ]
+    if is_train and random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing, scale=(0.02, 0.4), ratio=(0.3, 3.3),
+                                      value=0.0))
+    steps += [
         # Plain tensors collate and move between processes without tv_tensors metadata.
         v2.ToPureTensor(),
     ]

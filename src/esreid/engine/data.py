@@ -20,11 +20,34 @@ def load_data(cfg: Config) -> ReIDData:
     For the synthetic benchmark, ``data.root`` may be the benchmark or its parent; when
     neither holds one, it is generated into ``data.root`` (saying so).
     """
-    name, root = cfg.data.name, Path(cfg.data.root).expanduser()
+    return _load(cfg.data.name, Path(cfg.data.root).expanduser(), cfg, generate=True)
+
+
+def cross_domain(cfg: Config) -> bool:
+    """Whether the config evaluates on another dataset (or copy) than it trains on."""
+    return bool(cfg.eval.dataset or cfg.eval.root)
+
+
+def load_eval_data(cfg: Config, train_data: ReIDData | None = None) -> ReIDData:
+    """The dataset whose query and gallery the config evaluates on: ``eval.dataset`` at
+    ``eval.root`` (each defaulting to ``data.name`` / ``data.root``) for cross-domain
+    testing, else the training dataset (``train_data`` when given, so it is not loaded
+    twice). An evaluation benchmark is never generated: a missing one is an error."""
+    if not cross_domain(cfg):
+        return train_data if train_data is not None else load_data(cfg)
+    name = cfg.eval.dataset or cfg.data.name
+    root = Path(cfg.eval.root or cfg.data.root).expanduser()
+    return _load(name, root, cfg, generate=False)
+
+
+def _load(name: str, root: Path, cfg: Config, generate: bool) -> ReIDData:
     if name == "synthetic":
         from esreid.data.synthetic import ensure_synthetic, resolve_synthetic_root
 
         found = resolve_synthetic_root(root)
+        if found is None and not generate:
+            raise ConfigError(f"config key eval.root: no synthetic benchmark at {root} "
+                              "(write one with `esreid synth --out DIR --seed N`)")
         root = found if found is not None else ensure_synthetic(
             root, num_ids=cfg.data.synth_ids, seed=cfg.data.synth_seed)
     options: dict[str, Any] = {}

@@ -6,15 +6,26 @@ import torch
 from torch import nn
 
 from esreid.config import LossConfig
-from esreid.losses import batch_hard_triplet_loss, cross_entropy_label_smooth
+from esreid.losses import (
+    batch_hard_triplet_loss,
+    cross_entropy_label_smooth,
+    weighted_regularized_triplet_loss,
+)
 from esreid.models.esnet import BranchOutput, ESNet, TrainOutput
+
+#: ``loss.triplet_kind`` -> the metric loss on the features before the BNNeck.
+TRIPLET_LOSSES = {
+    "hard": lambda feat, pids, cfg: batch_hard_triplet_loss(feat, pids, cfg.margin),
+    "weighted": lambda feat, pids, cfg: weighted_regularized_triplet_loss(feat, pids),
+}
 
 
 def branch_loss(out: BranchOutput, pids: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """One branch's share of Eq. 1: ID loss (label-smoothed CE) and batch-hard triplet loss."""
+    """One branch's share of Eq. 1: ID loss (label-smoothed CE) and the triplet loss of
+    ``loss.triplet_kind`` (batch-hard by default, AGW's weighted regularization triplet)."""
     parts = {"id": cross_entropy_label_smooth(out.logits, pids, cfg.label_smooth)}
     if cfg.triplet:
-        parts["triplet"] = batch_hard_triplet_loss(out.feat, pids, cfg.margin)
+        parts["triplet"] = TRIPLET_LOSSES[cfg.triplet_kind](out.feat, pids, cfg)
     return parts
 
 

@@ -43,7 +43,7 @@ from esreid.engine.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from esreid.engine.data import check_data, load_data
+from esreid.engine.data import check_data, load_data, load_eval_data
 from esreid.engine.evaluate import evaluate_model, format_metrics
 from esreid.engine.objective import TrainingObjective, branch_loss
 from esreid.engine.optim import build_optimizer
@@ -144,8 +144,12 @@ class Trainer:
         seed_everything(cfg.train.seed)
 
         # Everything that can be refused is checked before the first write.
-        self.data = data if data is not None else self._load_data(cfg)
+        self.data = data if data is not None else self._load_data(cfg, load_data)
         check_data(self.data, cfg)
+        # Cross-domain testing evaluates on another benchmark's query and gallery.
+        self.eval_data = self._load_data(cfg, lambda c: load_eval_data(c, self.data))
+        if self.eval_data is not self.data:
+            check_data(self.eval_data, cfg, training=False)
         d = cfg.data
         if d.ids_per_batch % self.world_size:
             raise ConfigError(
@@ -177,7 +181,7 @@ class Trainer:
             self.data.train, d.height, d.width, batch_size=self.batch_size,
             num_instances=d.num_instances, num_workers=d.num_workers, seed=cfg.train.seed,
             flip_prob=d.flip_prob, pad=d.pad, on_bad_image=d.on_bad_image,
-            num_replicas=self.world_size, rank=self.ctx.rank,
+            num_replicas=self.world_size, rank=self.ctx.rank, random_erasing=d.random_erasing,
         )
         self.iters_per_epoch = self._epoch_length(0)
         if self.iters_per_epoch < 1:
@@ -239,14 +243,14 @@ class Trainer:
 
     # --- construction -----------------------------------------------------------------
 
-    def _load_data(self, cfg: Config) -> ReIDData:
-        """The config's dataset; in a distributed run rank 0 loads (and, for the synthetic
+    def _load_data(self, cfg: Config, load) -> ReIDData:
+        """``load(cfg)``; in a distributed run rank 0 loads (and, for the synthetic
         benchmark, generates) it first, so the processes never write the same files."""
         if self.is_main:
-            data = load_data(cfg)
+            data = load(cfg)
         distributed.barrier(self.ctx)
         if not self.is_main:
-            data = load_data(cfg)
+            data = load(cfg)
         return data
 
     def _build_model(self) -> ESNet:
@@ -603,10 +607,11 @@ class Trainer:
         In a distributed run every process embeds a share of the test images and rank 0
         scores them all; the other ranks return None."""
         distributed.broadcast_buffers(self.ctx, self.model)
-        result = evaluate_model(self.model, self.data, self.cfg, self.device, features_out,
+        result = evaluate_model(self.model, self.eval_data, self.cfg, self.device, features_out,
                                 ctx=self.ctx)
         if result is None:
             return None
+        result["train_dataset"] = self.data.name
         result["epoch"] = self.epoch
         result["world_size"] = self.world_size
         self._log_metrics({"type": "eval", "epoch": self.epoch, **result["metrics"]})

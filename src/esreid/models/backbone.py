@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -133,6 +134,43 @@ def build_resnet(name: str = "resnet50", pretrained: str = "none", last_stride: 
     return resnet
 
 
-def stem(resnet: ResNet) -> nn.Sequential:
-    """The ResNet's stem: conv1, bn1, relu, maxpool."""
+def stem(resnet: ResNet, relu: bool = True) -> nn.Sequential:
+    """The ResNet's stem: conv1, bn1, relu, maxpool (without the ReLU when ``relu`` is false,
+    as in AGW's published code)."""
+    if not relu:
+        return nn.Sequential(resnet.conv1, resnet.bn1, resnet.maxpool)
     return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+
+
+def _block_channels(block: nn.Module) -> int:
+    # Bottleneck ends with conv3, BasicBlock with conv2.
+    return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+
+
+def add_non_local(resnet: ResNet, counts: list[int], inner_channels: int | None = None) -> None:
+    """Insert non-local blocks into the ResNet's stages, in place.
+
+    ``counts[s]`` blocks go after the last ``counts[s]`` residual blocks of stage ``s``
+    (layer1..layer4), as AGW places them. Inserted modules are named ``nl<i>`` beside the
+    residual block ``<i>`` they follow, so ImageNet and older checkpoint keys are unchanged.
+    ``inner_channels`` (None: half the block's channels) is the blocks' inner width.
+    """
+    from esreid.models import NonLocal
+
+    if len(counts) != len(STAGES):
+        raise ValueError(f"model.non_local: one count per stage {STAGES}, got {counts}")
+    for name, count in zip(STAGES, counts, strict=True):
+        stage = getattr(resnet, name)
+        blocks = list(stage.named_children())
+        if not 0 <= count <= len(blocks):
+            raise ValueError(f"model.non_local: {count} non-local blocks after {name}'s last "
+                             f"blocks, but it has {len(blocks)} blocks")
+        if count == 0:
+            continue
+        items: list[tuple[str, nn.Module]] = []
+        for i, (key, block) in enumerate(blocks):
+            items.append((key, block))
+            if i >= len(blocks) - count:
+                items.append((f"nl{key}", NonLocal(_block_channels(block),
+                                                   inner_channels=inner_channels)))
+        setattr(resnet, name, nn.Sequential(OrderedDict(items)))

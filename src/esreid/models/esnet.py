@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from esreid.models.backbone import STAGES, build_resnet, feature_dim, stem
+from esreid.models.backbone import STAGES, add_non_local, build_resnet, feature_dim, stem
 from esreid.models.erasers import Eraser, NoErasing, eraser_from_config
 from esreid.models.heads import BNNeck
 from esreid.models.pooling import build_pooling
@@ -205,10 +205,15 @@ def build_model(cfg: ModelConfig, num_classes: int, erase: EraseConfig | None = 
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     resnet = build_resnet(cfg.backbone, cfg.pretrained, cfg.last_stride)
+    quirks = getattr(cfg, "agw_published_quirks", False)
+    non_local = list(getattr(cfg, "non_local", [0, 0, 0, 0]))
+    if any(non_local):
+        # After the weights are loaded: the inserted blocks start as the identity.
+        add_non_local(resnet, non_local, inner_channels=1 if quirks else None)
     dim = feature_dim(resnet)
     split = STAGES.index(cfg.split)
     trunk = nn.Sequential(OrderedDict(
-        [("stem", stem(resnet))] + [(s, getattr(resnet, s)) for s in STAGES[:split]]
+        [("stem", stem(resnet, relu=not quirks))] + [(s, getattr(resnet, s)) for s in STAGES[:split]]
     ))
     own = [(s, getattr(resnet, s)) for s in STAGES[split:]]
     aib = _branch(copy.deepcopy(own), cfg.aib_pool, dim, num_classes, cfg) if cfg.aib else None
