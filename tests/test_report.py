@@ -210,3 +210,17 @@ def test_write_results_uses_the_shared_atomic_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_results(tmp_path)["run"] == "r1"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_table_vii_rows_sit_next_to_the_agw_presets(tmp_path):
+    write_results(tmp_path / "a.json", market_run("agw_m", "agw", 0.951, 0.878))
+    write_results(tmp_path / "b.json", market_run("esnet_agw_m", "esnet_agw", 0.953, 0.891,
+                                                 dataset="msmt17"))
+    report = build_report([tmp_path / "a.json", tmp_path / "b.json"])
+    market, msmt = section(report, "Market-1501"), section(report, "MSMT17")
+    assert table_row(market, ["AGW", "agw_m (epoch 120)"])[2:4] == ["95.1", "87.8"]
+    assert table_row(market, ["AGW (paper)"])[:4] == ["AGW (paper)", "Table VII", "95.1", "87.8"]
+    assert table_row(market, ["ES-Net* (on AGW) (paper)"])[2:4] == ["95.3", "89.1"]
+    assert table_row(msmt, ["ES-Net* (on AGW)", "esnet_agw_m (epoch 120)"])[2:4] == ["95.3", "89.1"]
+    assert table_row(msmt, ["ES-Net* (on AGW) (paper)"])[2:4] == ["77.9", "55.6"]
+    assert table_row(msmt, ["AGW (paper)"])[2:4] == ["68.3", "49.3"]
