@@ -12,7 +12,8 @@ configured) on the embedded synthetic benchmark in a temporary folder, and what 
 the median seconds of ``--repeats`` steps (after ``--warmup`` steps) per model with min and
 max, and the ratios measured in this one run. Target (issue 3): ES-Net /
 two-branch-without-erasing <= 1.35: one extra no-grad forward of the ESB stages for CG-RAM and
-a second trunk pass on the erased batch should be the whole extra cost.
+a second trunk pass on the erased batch should be the whole extra cost. The AGW rows (Table
+VII) give the same ratio on the stronger baseline: ES-Net* / AGW.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ MODELS = [
     ("ES-Net (BESM, P=0.5)", "esnet", []),
     ("ES-Net (P=0.5, full I* pass)", "esnet", ["erase.reuse_clean=false"]),
     ("ES-Net (BESM, P=1.0)", "esnet", ["erase.prob=1.0"]),
+    ("AGW", "agw", []),
+    ("ES-Net* (on AGW)", "esnet_agw", []),
 ]
+
+# AGW puts 3 non-local blocks after layer3's last blocks; backbones with fewer blocks per
+# stage get as many as they have (stated in the output).
+_NON_LOCAL = {"resnet10": "[0,1,1,0]", "resnet18": "[0,2,2,0]"}
 
 
 def main() -> None:
@@ -56,8 +63,12 @@ def main() -> None:
         work = Path(tmp)
         data_root, synth_ids = prepare_data(work, args.ids)
         images, pids = fixed_batch(args.ids, args.instances, args.height, args.width, args.device)
+        agw_fit = []
+        if args.backbone in _NON_LOCAL:
+            agw_fit = [f"model.non_local={_NON_LOCAL[args.backbone]}"]
+            print(f"AGW rows with model.non_local={_NON_LOCAL[args.backbone]} on {args.backbone}")
         runners = {
-            label: TrainerStep(preset, overrides + args.overrides, backbone=args.backbone,
+            label: TrainerStep(preset, overrides + agw_fit + args.overrides, backbone=args.backbone,
                                device=args.device, images=images, pids=pids,
                                instances=args.instances, data_root=data_root,
                                synth_ids=synth_ids, run_dir=work / "runs" / str(i))
@@ -78,6 +89,8 @@ def main() -> None:
     print(f"  two-branch / base            {two / medians['base']:.2f}")
     for label in ("ES-Net (BESM, P=0.5)", "ES-Net (P=0.5, full I* pass)", "ES-Net (BESM, P=1.0)"):
         print(f"  {label:28s} / two-branch  {medians[label] / two:.2f}  (target <= 1.35)")
+    print(f"  ES-Net* (on AGW) / AGW       {medians['ES-Net* (on AGW)'] / medians['AGW']:.2f}")
+    print(f"  AGW / base                   {medians['AGW'] / medians['base']:.2f}")
 
 
 if __name__ == "__main__":
