@@ -68,7 +68,8 @@ def main() -> None:
             agw_fit = [f"model.non_local={_NON_LOCAL[args.backbone]}"]
             print(f"AGW rows with model.non_local={_NON_LOCAL[args.backbone]} on {args.backbone}")
         runners = {
-            label: TrainerStep(preset, overrides + agw_fit + args.overrides, backbone=args.backbone,
+            label: TrainerStep(preset, overrides + (agw_fit if "agw" in preset else [])
+                               + args.overrides, backbone=args.backbone,
                                device=args.device, images=images, pids=pids,
                                instances=args.instances, data_root=data_root,
                                synth_ids=synth_ids, run_dir=work / "runs" / str(i))
