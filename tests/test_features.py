@@ -1,0 +1,87 @@
+"""The retrieval descriptor: the BNNeck feature, flip averaging, extraction from a loader."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from esreid.config import load_config
+from esreid.engine.features import Descriptor, descriptor, extract_features
+from esreid.models.esnet import build_model
+
+
+class _PixelLinear(nn.Module):
+    """A model whose output depends on where each pixel is: a linear map of the flattened
+    image, so any other mirroring than the horizontal one gives another descriptor."""
+
+    def __init__(self, shape=(3, 4, 6), dim=5):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc = nn.Linear(int(np.prod(shape)), dim)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_flip_averages_with_the_horizontal_mirror_image():
+    model = _PixelLinear()
+    x = torch.randn(2, 3, 4, 6)
+    # The mirror written out: column j of the mirrored image is column W-1-j of the image.
+    mirrored = x[..., torch.arange(5, -1, -1)]
+    expected = (model(x) + model(mirrored)) / 2
+    torch.testing.assert_close(descriptor(model, x, flip=True), expected)
+    torch.testing.assert_close(Descriptor(model, flip=True)(x), expected)
+    torch.testing.assert_close(descriptor(model, x, flip=False), model(x))
+    # Neither the vertical mirror nor both axes: those would give other descriptors.
+    assert not torch.allclose(expected, (model(x) + model(x.flip(2))) / 2)
+    assert not torch.allclose(expected, (model(x) + model(x.flip(2, 3))) / 2)
+
+
+def _model_with_trained_statistics():
+    cfg = load_config("esnet", ["model.backbone=resnet10", "model.pretrained=none"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 7, cfg.erase)
+    # BNNeck statistics and scales far from the identity transform, as after training.
+    with torch.no_grad():
+        for branch in model.branches().values():
+            bn = branch.neck.bn
+            bn.running_mean.uniform_(0.5, 1.5)
+            bn.running_var.uniform_(0.2, 4.0)
+            bn.weight.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_the_descriptor_is_the_bnneck_feature_of_each_branch_concatenated():
+    model = _model_with_trained_statistics()
+    x = torch.randn(3, 3, 32, 16)
+    with torch.no_grad():
+        shared = model.trunk(x)
+        parts = []
+        for branch in (model.aib, model.esb):
+            feat = branch.pool(branch.feature_map(shared))
+            bn = branch.neck.bn
+            # BatchNorm in eval mode, written out: (x - mean) / sqrt(var + eps) * w + b.
+            parts.append((feat - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+                         * bn.weight + bn.bias)
+            before_neck = feat
+        expected = torch.cat(parts, dim=1)
+        got = descriptor(model, x, flip=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.shape == (3, model.descriptor_dim)
+    # The feature before the BNNeck (what the triplet loss sees) is another vector.
+    assert not torch.allclose(got[:, -before_neck.shape[1]:], before_neck, atol=1e-2)
+
+
+def test_extract_features_uses_eval_mode_flip_and_restores_the_mode():
+    model = _model_with_trained_statistics().train()
+    images = torch.randn(5, 3, 32, 16)
+    loader = [(images[:3], [1, 1, 2], [0, 1, 0]), (images[3:], [2, 3], [1, 0])]
+    feats, pids, camids = extract_features(model, loader, flip=True)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(3))) / 2
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    assert pids.tolist() == [1, 1, 2, 2, 3] and camids.tolist() == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="query: the loader yielded no images"):
+        extract_features(model, [], desc="query")
