@@ -224,3 +224,88 @@ def test_table_vii_rows_sit_next_to_the_agw_presets(tmp_path):
     assert table_row(msmt, ["ES-Net* (on AGW)", "esnet_agw_m (epoch 120)"])[2:4] == ["95.3", "89.1"]
     assert table_row(msmt, ["ES-Net* (on AGW) (paper)"])[2:4] == ["77.9", "55.6"]
     assert table_row(msmt, ["AGW (paper)"])[2:4] == ["68.3", "49.3"]
+
+
+def seed_run(folder, preset, seed, rank1, mAP, overrides=(), **extra):
+    """A hand-made run folder: the config.yaml a run of ``preset`` with ``train.seed=seed``
+    writes, and its results.json."""
+    from esreid.config import load_config, save_config
+
+    folder.mkdir(parents=True)
+    cfg = load_config(preset, [f"train.seed={seed}", f"train.run_name={folder.name}",
+                               f"train.output_dir={folder.parent}", *overrides])
+    save_config(cfg, folder / "config.yaml")
+    write_results(folder, market_run(folder.name, preset, rank1, mAP, **extra))
+    return folder
+
+
+def test_report_puts_the_seeds_of_one_experiment_on_one_row(tmp_path):
+    runs = [
+        seed_run(tmp_path / "base_s0", "base", 0, 0.90, 0.80, mINP=0.50),
+        seed_run(tmp_path / "base_s1", "base", 1, 0.92, 0.81, mINP=0.52),
+        # Where the data lives and how the run is kept do not make another experiment.
+        seed_run(tmp_path / "base_s2", "base", 2, 0.94, 0.85, mINP=0.54,
+                 overrides=["data.root=/elsewhere", "data.num_workers=8",
+                            "train.checkpoint_every=5"]),
+        seed_run(tmp_path / "esnet_s0", "esnet", 0, 0.95, 0.88),
+        # Another schedule is another experiment, even with the same preset.
+        seed_run(tmp_path / "base_long", "base", 0, 0.96, 0.90, overrides=["optim.epochs=200"]),
+    ]
+    loose = tmp_path / "loose.json"  # no config.yaml beside it: a row of its own
+    write_results(loose, market_run("loose", "base", 0.5, 0.4))
+    report = build_report([*runs, loose])
+    assert table_row(report, ["Method", "Run"]) == [
+        "Method", "Run", "Seeds", "rank-1", "mAP", "rank-5", "mINP"]
+    # Sample std (n - 1): rank-1 90/92/94 -> 2.0; mAP 80/81/85 -> sqrt(7) = 2.6.
+    assert table_row(report, ["Base", "base_s0, base_s1, base_s2 (epoch 120)"])[2:] == [
+        "3", "92.0 ± 2.0", "82.0 ± 2.6", "97.0 ± 0.0", "52.0 ± 2.0"]
+    assert table_row(report, ["ES-Net", "esnet_s0 (epoch 120)"])[2:] == [
+        "1", "95.0", "88.0", "97.0", "50.0"]
+    assert table_row(report, ["Base", "base_long (epoch 120)"])[2:4] == ["1", "96.0"]
+    assert table_row(report, ["Base", "loose (epoch 120)"])[2:4] == ["1", "50.0"]
+    assert table_row(report, ["ES-Net (paper)"])[2:4] == ["-", "95.7"]
+    # The group's row stands where its first run was given.
+    assert report.index("base_s0, base_s1") < report.index("esnet_s0") < report.index("loose")
+
+
+def test_report_has_no_seeds_column_without_repeated_seeds(tmp_path):
+    runs = [seed_run(tmp_path / "base_s0", "base", 0, 0.90, 0.80),
+            seed_run(tmp_path / "esnet_s0", "esnet", 0, 0.95, 0.88)]
+    report = build_report(runs, with_paper=False)
+    assert table_row(report, ["Method", "Run"]) == [
+        "Method", "Run", "rank-1", "mAP", "rank-5", "mINP"]
+    assert table_row(report, ["Base", "base_s0 (epoch 120)"])[2:4] == ["90.0", "80.0"]
+
+
+def test_report_says_when_grouped_runs_repeat_a_seed_and_keeps_evaluations_apart(tmp_path):
+    runs = [seed_run(tmp_path / "a", "esnet", 3, 0.90, 0.80),
+            seed_run(tmp_path / "b", "esnet", 3, 0.92, 0.82),
+            seed_run(tmp_path / "c", "esnet", 4, 0.94, 0.84, rerank=True)]
+    # Another evaluation of a run's checkpoint (a results file beside its config.yaml).
+    write_results(tmp_path / "c" / "results_occluded.json",
+                  market_run("c", "esnet", 0.5, 0.4, dataset="synthetic_occluded"))
+    report = build_report([*runs, tmp_path / "c" / "results_occluded.json"], with_paper=False)
+    assert table_row(report, ["ES-Net", "a, b (epoch 120)"])[2:4] == ["1 (2 runs)", "91.0 ± 1.4"]
+    # Re-ranked results are another evaluation: not averaged with the others.
+    assert table_row(report, ["ES-Net", "c (epoch 120, re-ranked)"])[2:4] == ["1", "94.0"]
+    occluded = section(report, "synthetic_occluded")
+    assert table_row(occluded, ["ES-Net", "c (epoch 120)"])[2:] == ["50.0", "40.0", "97.0", "50.0"]
+
+
+def test_report_of_vehicleid_seeds_gives_the_std_over_seeds(tmp_path):
+    from esreid.config import load_config, save_config
+
+    paths = []
+    for seed, rank1 in ((0, 0.80), (1, 0.84)):
+        folder = tmp_path / f"v{seed}"
+        folder.mkdir()
+        save_config(load_config("vehicle", [f"train.seed={seed}"]), folder / "config.yaml")
+        write_results(folder, {
+            "run": folder.name, "config": "vehicle", "dataset": "vehicleid",
+            "protocol": "vehicleid", "epoch": 60,
+            "metrics": {"test_size": 800, "rank1": rank1, "rank1_std": 0.01, "rank5": 0.95,
+                        "rank5_std": 0.005, "mAP": 0.85}})
+        paths.append(folder)
+    report = build_report(paths, with_paper=False)
+    assert table_row(report, ["ES-Net", "v0, v1 (epoch 60)"])[2:] == [
+        "2", "82.0 ± 2.8", "95.0 ± 0.0"]

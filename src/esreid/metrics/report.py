@@ -10,6 +10,10 @@ with market-protocol metrics ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP``
 VehicleID metrics ``test_size``, ``rank1``, ``rank1_std``, ``rank5``, ``rank5_std``, ``mAP``,
 all rates as fractions in [0, 1]. ``run``, ``dataset``, ``protocol`` and ``metrics`` are
 required; other keys are optional and extra keys are kept.
+
+The report puts runs that differ only in their seed on one row (mean ± std over the seeds,
+with a Seeds column). It finds a run's config in the ``config.yaml`` of the folder that
+holds its results file; a results file without one is always a row of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from esreid.utils import atomic_write_text
 
@@ -292,6 +297,85 @@ def _title(dataset: str, test_size: int | None) -> str:
     return f"{title} ({subset}, {test_size})" if subset else f"{title} (test size {test_size})"
 
 
+# Config keys that never make two runs different experiments, besides the seed: where
+# things are and how a run is kept (config.RESUME_FREE_KEYS, less optim.epochs and the preset
+# name, which do change the experiment).
+def _bookkeeping_keys() -> frozenset[str]:
+    """Keys ignored when deciding whether two runs are seeds of one experiment."""
+    from esreid.config import RESUME_FREE_KEYS
+
+    return (RESUME_FREE_KEYS - {"optim.epochs", "name"}) | {"train.seed"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _run_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The flattened ``config.yaml`` beside a results file (or in a run directory), or None
+    when there is none or it cannot be read."""
+    target = _results_file(path)
+    try:
+        data = yaml.safe_load((target.parent / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return _flat(data) if isinstance(data, dict) else None
+
+
+def _experiment_key(res: dict, config: dict[str, Any] | None, path: Path) -> tuple:
+    """Runs with equal keys are seeds of one experiment: same config apart from the seed and
+    bookkeeping, same evaluation (epoch, re-ranking, protocol and test size)."""
+    if config is None:
+        return ("alone", str(path))
+    skip = _bookkeeping_keys()
+    settings = json.dumps(
+        {k: v for k, v in sorted(config.items()) if k not in skip}, sort_keys=True, default=str
+    )
+    return ("config", settings, res.get("epoch"), bool(res.get("rerank")))
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """One results dict standing for several seeds: metrics are means, ``<metric>_std``
+    the sample standard deviations (n - 1) over the runs."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    metrics: dict[str, Any] = {}
+    for key, value in first["metrics"].items():
+        values = [r["metrics"].get(key) for r in runs]
+        if key.endswith("_std") or not all(isinstance(v, (int, float)) for v in values):
+            continue
+        if key == "test_size":
+            metrics[key] = value
+            continue
+        metrics[key] = float(np.mean(values))
+        metrics[f"{key}_std"] = float(np.std(values, ddof=1))
+    names = ", ".join(r["run"] for r in runs)
+    return {
+        **first,
+        "run": names,
+        "metrics": metrics,
+        "seeds": len(runs),
+        "seed_values": [r.get("_seed") for r in runs],
+    }
+
+
+def _seeds_cell(res: dict) -> str:
+    """The Seeds column: the number of runs, and of distinct seeds when fewer."""
+    n = int(res.get("seeds", 1))
+    distinct = {s for s in res.get("seed_values", []) if s is not None}
+    if n > 1 and distinct and len(distinct) < n:
+        return f"{len(distinct)} ({n} runs)"
+    return str(n)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines: two left-aligned text columns, the rest right-aligned."""
     align = [":--" if i < 2 else "--:" for i in range(len(header))]
@@ -301,7 +385,24 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _section(dataset: str, test_size: int | None, runs: list[dict], with_paper: bool) -> list[str]:
-    """Heading and table for one dataset group: the runs, then the paper's rows."""
+    """Heading and table for one dataset group: the runs, then the paper's rows.
+
+    ``runs`` are results dicts, each possibly standing for several seeds (see
+    :func:`_aggregate`); when one does, a Seeds column follows the Run column.
+    """
+    header, rows = _section_rows(dataset, test_size, runs, with_paper)
+    if any(int(r.get("seeds", 1)) > 1 for r in runs):
+        header.insert(2, "Seeds")
+        for i, row in enumerate(rows):
+            # The runs' rows come first, then the paper's.
+            row.insert(2, _seeds_cell(runs[i]) if i < len(runs) else "-")
+    return [f"## {_title(dataset, test_size)}", ""] + _table(header, rows) + [""]
+
+
+def _section_rows(
+    dataset: str, test_size: int | None, runs: list[dict], with_paper: bool
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`_section`'s table, without the Seeds column."""
     if runs[0]["protocol"] == "vehicleid":
         header = ["Method", "Run", "rank-1", "rank-5"]
         rows = [
@@ -321,7 +422,7 @@ def _section(dataset: str, test_size: int | None, runs: list[dict], with_paper: 
         keys = ("rank1", "rank5", "mAP")
         rows = [
             [paper_name(str(r.get("config", "")), dataset) or "-", _run_label(r)]
-            + [_pct(r["metrics"].get(k)) for k in keys]
+            + [_pct_std(r["metrics"].get(k), r["metrics"].get(f"{k}_std")) for k in keys]
             for r in runs
         ]
         if with_paper:
@@ -334,7 +435,7 @@ def _section(dataset: str, test_size: int | None, runs: list[dict], with_paper: 
         keys = ("rank1", "mAP", "rank5", "mINP")
         rows = [
             [paper_name(str(r.get("config", "")), dataset) or "-", _run_label(r)]
-            + [_pct(r["metrics"].get(k)) for k in keys]
+            + [_pct_std(r["metrics"].get(k), r["metrics"].get(f"{k}_std")) for k in keys]
             for r in runs
         ]
         if with_paper and dataset in _PERSON:
@@ -345,7 +446,7 @@ def _section(dataset: str, test_size: int | None, runs: list[dict], with_paper: 
                         [f"{name} (paper)", _PERSON_SOURCES[name], _paper_cell(r1)]
                         + [_paper_cell(m_ap), "-", "-"]
                     )
-    return [f"## {_title(dataset, test_size)}", ""] + _table(header, rows) + [""]
+    return header, rows
 
 
 def build_report(paths: Iterable[str | os.PathLike], with_paper: bool = True) -> str:
@@ -354,16 +455,23 @@ def build_report(paths: Iterable[str | os.PathLike], with_paper: bool = True) ->
     Takes results files or run directories; returns the report text. Columns follow the
     paper's tables (person: rank-1, mAP, plus rank-5 and mINP; VeRi-776: rank-1, rank-5,
     mAP; VehicleID: rank-1, rank-5 with ± std over draws), values in percent with one
-    decimal, '-' where a figure is missing. With ``with_paper`` each section ends with the
-    paper's published rows for that dataset, marked "(paper)".
+    decimal, '-' where a figure is missing. Runs whose ``config.yaml`` (beside the results
+    file) is the same apart from ``train.seed``, the run name and bookkeeping keys, and that
+    were evaluated at the same epoch with the same re-ranking, share one row: the runs'
+    names, a Seeds column (the number of runs), and each figure as mean ± sample std over
+    them (for VehicleID the std is then over seeds, not draws). With ``with_paper`` each
+    section ends with the paper's published rows for that dataset, marked "(paper)".
     """
     paths = list(paths)
     if not paths:
         raise ValueError("build_report needs at least one results file or run directory")
-    groups: dict[tuple[str, str, int | None], list[dict]] = {}
+    groups: dict[tuple[str, str, int | None], dict[tuple, list[dict]]] = {}
     for p in paths:
         res = load_results(p)
-        groups.setdefault(_group_key(res), []).append(res)
+        config = _run_config(p)
+        res["_seed"] = None if config is None else config.get("train.seed")
+        experiments = groups.setdefault(_group_key(res), {})
+        experiments.setdefault(_experiment_key(res, config, Path(p)), []).append(res)
     known = list(_DATASET_TITLES)
 
     def order(key: tuple[str, str, int | None]) -> tuple[int, str, str, int]:
@@ -373,5 +481,6 @@ def build_report(paths: Iterable[str | os.PathLike], with_paper: bool = True) ->
 
     lines = ["# Results", ""]
     for key in sorted(groups, key=order):
-        lines += _section(key[0], key[2], groups[key], with_paper)
+        runs = [_aggregate(members) for members in groups[key].values()]
+        lines += _section(key[0], key[2], runs, with_paper)
     return "\n".join(lines).rstrip() + "\n"
