@@ -1,5 +1,7 @@
 """The demo end to end (quick mode), the plots of a run folder and the report of runs."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -16,12 +18,14 @@ TINY = ["data.height=32", "data.width=16", "data.synth_ids=12", "data.ids_per_ba
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    summary = run_demo(out, quick=True, num_explained=2, extra_settings=TINY)
-    return out, summary
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = run_demo(out, quick=True, num_explained=2, extra_settings=TINY)
+    return out, summary, printed.getvalue()
 
 
 def test_demo_writes_both_models(demo, capsys):
-    out, summary = demo
+    out, summary, _ = demo
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["models"]) == {"base", "esnet"}
     for name in ("base", "esnet"):
@@ -35,10 +39,21 @@ def test_demo_writes_both_models(demo, capsys):
             assert png.endswith(".png") and (out / "heatmaps").joinpath(png.split("/")[-1]).is_file()
     assert saved["benchmark"]["train_ids"] == 6  # half of 12 synthetic identities
     assert saved["quick"] is True
+    assert saved["seeds"] == [0]
+
+
+def test_demo_table_says_it_rests_on_one_seed(demo):
+    _, _, printed = demo
+    lines = printed.splitlines()
+    note = lines.index(next(line for line in lines if line.startswith("1 seed")))
+    assert lines[note] == ("1 seed (train.seed=0): one run per model, so a gap of a few points "
+                           "may be seed-to-seed noise; `esreid study` measures it over several "
+                           "seeds (docs/experiments.md)")
+    assert lines[note + 1].startswith("model ") and "rank-1" in lines[note + 1]
 
 
 def test_plot_and_report_of_demo_runs(demo, capsys):
-    out, _ = demo
+    out, _, _ = demo
     paths = plot_run(out / "esnet")
     names = {p.name for p in paths}
     assert {"loss.png", "lr.png", "erasing_diagnostic.png", "ppool_l.png", "eval.png"} <= names

@@ -1,4 +1,4 @@
-"""The ``esreid`` command: train, evaluate, sweep, synth, demo, plot, report, explain."""
+"""The ``esreid`` command: train, evaluate, sweep, synth, demo, study, plot, report, explain."""
 
 from __future__ import annotations
 
@@ -217,6 +217,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from esreid.demo import run_demo
 
     run_demo(out_dir=Path(args.out), quick=args.quick)
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from esreid.engine.trainer import TrainingInterrupted
+    from esreid.study import run_study
+
+    try:
+        run_study(out_dir=Path(os.path.expandvars(args.out)).expanduser(), models=args.models,
+                  seeds=args.seeds, settings=args.overrides)
+    except TrainingInterrupted as stop:
+        print(f"esreid study: {stop}; run the same esreid study command again to go on",
+              file=sys.stderr, flush=True)
+        return stop.exit_code
     return 0
 
 
@@ -472,6 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("study", help="Base, ESB and ES-Net over several seeds on the synthetic "
+                                     "benchmark, evaluated on normal and occluded queries")
+    p.add_argument("--out", default="runs/study", help="output folder (default runs/study); "
+                   "run again to resume an interrupted study, finished runs are kept")
+    p.add_argument("--models", nargs="+", default=["base", "esb", "esnet"], metavar="PRESET",
+                   help="presets to compare (default: base esb esnet); differences are "
+                        "taken to base")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                   help="training seeds, one run per model and seed (default: 0 1 2)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="change the study's settings for every run, "
+                   "e.g. --set optim.epochs=12 model.backbone=resnet18")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("plot", help="draw a run's loss, lr, over-erasing diagnostic, P-pooling l "
                                     "and metrics to PNG files")

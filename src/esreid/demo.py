@@ -68,6 +68,15 @@ def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _seed_note(seeds: list[int]) -> str:
+    """The line above the table saying how many seeds its figures rest on."""
+    if len(seeds) == 1:
+        return (f"1 seed (train.seed={seeds[0]}): one run per model, so a gap of a few points "
+                "may be seed-to-seed noise; `esreid study` measures it over several seeds "
+                "(docs/experiments.md)")
+    return f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+
+
 def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False,
              num_explained: int = 4, extra_settings: list[str] | None = None) -> dict[str, Any]:
     """Generate (or reuse) the synthetic benchmark, train and evaluate Base and ES-Net,
@@ -91,10 +100,12 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False,
 
     rows, results = [], {}
     explained: dict[str, list[str]] = {}
+    seed_set: set[int] = set()
     queries_idx = pick_queries(data.query, num_explained)
     for preset, label in MODELS:
         cfg = load_config(preset, settings)
         cfg.train.run_name = preset
+        seed_set.add(cfg.train.seed)
         log.info("training %s (%s)", label, preset)
         trainer = Trainer(cfg, data=data, overwrite=True)  # the demo re-creates its own runs
         feats: dict[str, torch.Tensor] = {}
@@ -112,12 +123,15 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False,
         results[preset] = {"label": label, **result}
 
     table = _table(rows)
+    seeds = sorted(seed_set)
+    seed_note = _seed_note(seeds)
     summary = {
         "esreid_version": __version__,
         "benchmark": {"name": "synthetic", "root": str(root), "train_images": len(data.train),
                       "train_ids": data.num_train_pids, "query": len(data.query),
                       "gallery": len(data.gallery)},
         "settings": settings,
+        "seeds": seeds,
         "quick": quick,
         "models": results,
         "heatmaps": explained,
@@ -129,6 +143,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False,
     print()
     print(f"esreid demo: synthetic benchmark ({len(data.train)} train images of "
           f"{data.num_train_pids} ids; {len(data.query)} queries, {len(data.gallery)} gallery)")
+    print(seed_note)
     print(table)
     winner = max(rows, key=lambda r: r[1]["mAP"])[0]
     print(f"best mAP: {winner}. chance rank-1 is about "

@@ -80,7 +80,8 @@ def camera_filter_labels(q_cams: np.ndarray, g_cams: np.ndarray) -> tuple[np.nda
 def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
                    device: torch.device | str = "cpu",
                    features_out: dict[str, torch.Tensor] | None = None,
-                   ctx: DistContext | None = None) -> dict[str, Any] | None:
+                   ctx: DistContext | None = None,
+                   gallery_features: torch.Tensor | None = None) -> dict[str, Any] | None:
     """Embed the test images and score them with the dataset's protocol.
 
     Returns a results dict in the schema of :func:`esreid.metrics.write_results`
@@ -89,7 +90,10 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
     protocol when ``data.protocol == "vehicleid"``. When ``features_out`` is a dict, the
     query and gallery descriptors are stored in it (keys ``query``, ``gallery``) for reuse.
     In a distributed run (``ctx``) every process embeds a share of the images and rank 0
-    scores the whole test set once; the other ranks return None.
+    scores the whole test set once; the other ranks return None. ``gallery_features``
+    (Market protocol, single process) are descriptors of ``data.gallery`` this model already
+    computed, e.g. ``features_out["gallery"]`` of an evaluation on another query set with
+    the same gallery: the gallery is then not embedded again.
     """
     start = time.time()
     result: dict[str, Any] = {
@@ -117,7 +121,10 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
                            "draws": cfg.eval.num_draws}
     else:
         query = embed_records(model, data.query, cfg, device, "query", bad, ctx)
-        gallery = embed_records(model, data.gallery, cfg, device, "gallery", bad, ctx)
+        if gallery_features is None:
+            gallery = embed_records(model, data.gallery, cfg, device, "gallery", bad, ctx)
+        else:
+            gallery = _given_gallery(gallery_features, data, ctx)
         if query is None or gallery is None:
             return None
         (qf, q_pids, q_cams), (gf, g_pids, g_cams) = query, gallery
@@ -160,6 +167,18 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         result["skipped_images"] = {"test": bad.count, "test_paths": list(bad.paths)}
     result["seconds"] = round(time.time() - start, 2)
     return result
+
+
+def _given_gallery(features: torch.Tensor, data: ReIDData, ctx: DistContext | None):
+    """``(features, pids, camids)`` of a gallery embedded before; its rows must be the
+    gallery records', in order (none skipped)."""
+    if ctx is not None and ctx.distributed:
+        raise ValueError("gallery_features: not supported in a distributed evaluation")
+    if len(features) != len(data.gallery):
+        raise ValueError(f"gallery_features: {len(features)} rows for the {len(data.gallery)} "
+                         f"gallery images of {data.name} (were unreadable images skipped?)")
+    return (features, np.array([r.pid for r in data.gallery]),
+            np.array([r.camid for r in data.gallery]))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
