@@ -85,6 +85,13 @@ def test_a_tiny_study_writes_runs_summary_table_and_figure(tiny_study, capsys):
         assert saved["runs"][preset]["0"]["occluded"] == occluded["metrics"]
         assert summary["models"][preset]["occluded"]["mAP"]["values"] == [
             occluded["metrics"]["mAP"]]
+    # What the ESB saw, from each run's last training record.
+    diagnostics = summary["diagnostics"]
+    assert {"id_aib", "id_esb", "erased_frac", "ppool_l_esb"} <= set(diagnostics["esnet"])
+    assert "id_esb" not in diagnostics["base"] and "id_aib" in diagnostics["base"]
+    assert diagnostics["esnet"]["ppool_l_esb"] == pytest.approx(
+        saved["runs"]["esnet"]["0"]["last_epoch"]["ppool_l_esb"])
+    assert "| ES-Net |" in (out / "study.md").read_text().split("ppool_l_esb")[-1]
     manifest = json.loads((out / "synthetic_occluded" / "synthetic.json").read_text())
     assert manifest["params"]["occlude_queries"] == ["head", "upper", "lower", "shoes"]
     assert manifest["params"]["height"] == 32 and manifest["params"]["num_ids"] == 12

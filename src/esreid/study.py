@@ -129,9 +129,15 @@ def _benchmarks(out_dir: Path, cfg: Config) -> tuple[Path, Path]:
     return clean, occluded
 
 
-def _train_seconds(folder: RunFolder) -> float:
-    """Seconds spent in training steps, from the run's metrics log (resumed segments included)."""
-    total = 0.0
+#: Keys of a run's last training record that the summary reports: the loss terms of each
+#: branch, the over-erasing diagnostic (Fig. 3), the fraction of images erased, P-pooling's l.
+DIAGNOSTIC_KEYS = ("id_aib", "triplet_aib", "id_esb", "triplet_esb", "clean_loss",
+                   "erased_loss", "erased_frac", "ppool_l_esb")
+
+
+def _train_records(folder: RunFolder) -> list[dict[str, Any]]:
+    """The run's ``train`` records from metrics.jsonl, in order (resumed segments included)."""
+    records = []
     if folder.metrics.is_file():
         for line in folder.metrics.read_text().splitlines():
             try:
@@ -139,8 +145,8 @@ def _train_seconds(folder: RunFolder) -> float:
             except json.JSONDecodeError:
                 continue
             if record.get("type") == "train":
-                total += float(record.get("seconds", 0.0))
-    return total
+                records.append(record)
+    return records
 
 
 def _run_one(cfg: Config, data: ReIDData, occluded_data: ReIDData,
@@ -179,8 +185,11 @@ def _run_one(cfg: Config, data: ReIDData, occluded_data: ReIDData,
         write_results(occluded_path, occluded)
         log.info("%s on occluded queries: rank-1 %.1f%%, mAP %.1f%%", cfg.train.run_name,
                  100 * occluded["metrics"]["rank1"], 100 * occluded["metrics"]["mAP"])
-    return {"normal": normal, "occluded": occluded, "train_seconds": _train_seconds(folder),
-            "run_dir": str(folder.path)}
+    records = _train_records(folder)
+    last = records[-1] if records else {}
+    return {"normal": normal, "occluded": occluded, "run_dir": str(folder.path),
+            "train_seconds": sum(float(r.get("seconds", 0.0)) for r in records),
+            "last_epoch": {k: last[k] for k in DIAGNOSTIC_KEYS if k in last}}
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -200,6 +209,8 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], reference: str = "base
     metric, the paired difference preset - reference for each seed both have, its mean, std
     and standard error, ``reliable`` (|mean| > 2 standard errors, with 2+ seeds), plus
     ``occlusion_gain``: (preset - reference on occluded) - (preset - reference on normal).
+    ``diagnostics`` holds, per preset, the means over seeds of the last epoch's
+    :data:`DIAGNOSTIC_KEYS` found in ``runs[preset][seed]["last_epoch"]`` (when present).
     """
     models: dict[str, Any] = {}
     for preset, per_seed in runs.items():
@@ -208,7 +219,14 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], reference: str = "base
         for qs in QUERY_SETS:
             models[preset][qs] = {m: _mean_std([per_seed[s][qs]["metrics"][m] for s in seeds])
                                   for m in METRICS}
-    summary: dict[str, Any] = {"models": models, "reference": reference, "differences": {}}
+    diagnostics = {}
+    for preset, per_seed in runs.items():
+        last = [r.get("last_epoch", {}) for r in per_seed.values()]
+        keys = [k for k in DIAGNOSTIC_KEYS if all(k in d for d in last) and last]
+        if keys:
+            diagnostics[preset] = {k: float(np.mean([d[k] for d in last])) for k in keys}
+    summary: dict[str, Any] = {"models": models, "reference": reference, "differences": {},
+                               "diagnostics": diagnostics}
     if reference not in runs:
         return summary
     for preset, per_seed in runs.items():
@@ -268,6 +286,17 @@ def format_summary(summary: dict[str, Any]) -> str:
                 cells = [f"{_pm(stats[m], signed=True)}{' *' if stats[m]['reliable'] else ''} "
                          f"[{_per_seed(stats[m])}]" for m in METRICS]
                 lines.append(f"| {name} | {qs} | " + " | ".join(cells) + " |")
+    diagnostics = summary.get("diagnostics") or {}
+    keys = [k for k in DIAGNOSTIC_KEYS if any(k in d for d in diagnostics.values())]
+    if keys:
+        lines += ["", "Last training epoch, mean over seeds: loss terms per branch, the "
+                  "over-erasing diagnostic (loss of the last batch, clean and with every image "
+                  "erased), the fraction of images erased, P-pooling's l.", "",
+                  "| Model | " + " | ".join(keys) + " |", "| :-- |" + " --: |" * len(keys)]
+        for preset, values in diagnostics.items():
+            cells = [f"{values[k]:.3f}" if k in values else "-" for k in keys]
+            label = summary["models"][preset]["label"]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -353,7 +382,8 @@ def run_study(out_dir: Path = Path("runs/study"), models: Sequence[str] = DEFAUL
         "runs": {preset: {str(seed): {"run_dir": r["run_dir"],
                                       "train_seconds": round(r["train_seconds"], 1),
                                       "normal": r["normal"]["metrics"],
-                                      "occluded": r["occluded"]["metrics"]}
+                                      "occluded": r["occluded"]["metrics"],
+                                      "last_epoch": r["last_epoch"]}
                           for seed, r in per_seed.items()}
                  for preset, per_seed in runs.items()},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
