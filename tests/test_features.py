@@ -1,11 +1,14 @@
 """The retrieval descriptor: the BNNeck feature, flip averaging, extraction from a loader."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from esreid.config import load_config
+from esreid.data.loader import BadImageLog
 from esreid.engine.features import Descriptor, descriptor, extract_features
 from esreid.models.esnet import build_model
 
@@ -85,3 +88,36 @@ def test_extract_features_uses_eval_mode_flip_and_restores_the_mode():
     assert pids.tolist() == [1, 1, 2, 2, 3] and camids.tolist() == [0, 1, 0, 1, 0]
     with pytest.raises(ValueError, match="query: the loader yielded no images"):
         extract_features(model, [], desc="query")
+
+
+def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_once(caplog):
+    model = _PixelLinear().train()
+    images = torch.randn(4, 3, 4, 6)
+    empty = torch.zeros(0, 3, 4, 6)
+    # esreid's loaders: (images, pids, camids, paths, skipped paths); a batch whose every
+    # image was unreadable arrives empty and is passed over, not ended on.
+    loader = [
+        (images[:2], [1, 2], [0, 1], ["a", "b"], ["bad1"]),
+        (empty, [], [], [], ["bad1", "bad2"]),
+        (images[2:], [3, 4], [1, 0], ["c", "d"], []),
+    ]
+    seen = BadImageLog()
+    with caplog.at_level(logging.WARNING, logger="esreid.features"):
+        feats, pids, camids = extract_features(model, loader, flip=False, bad_images=seen)
+    with torch.no_grad():
+        expected = model(images)
+    torch.testing.assert_close(feats, expected)
+    assert not feats.requires_grad and feats.dtype == torch.float32
+    assert pids.tolist() == [1, 2, 3, 4] and camids.tolist() == [0, 1, 1, 0]
+    assert seen.paths == ["bad1", "bad2"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"skipped unreadable image {p} (data.on_bad_image=skip)"
+                      for p in ("bad1", "bad2")]
+    # Four-element batches (no skipped paths) and a float64 model: float32 out, and flip on
+    # by default.
+    wide = _PixelLinear().to(torch.float64)
+    feats, _, _ = extract_features(wide, [(images.double(), [1, 2, 3, 4], [0] * 4, list("abcd"))])
+    assert feats.dtype == torch.float32
+    with torch.no_grad():
+        flipped = (wide(images.double()) + wide(images.double().flip(3))) / 2
+    torch.testing.assert_close(feats, flipped.float())
