@@ -30,7 +30,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
                               (("AIB", m.aib, m.aib_pool), ("ESB", m.esb, m.esb_pool)) if on)
         described = eraser_from_config(cfg.erase).describe()
         erase = f" erase={described}" if described else ""
-        losses = "ID+triplet" if cfg.loss.triplet else "ID"
+        kind = "weighted triplet" if cfg.loss.triplet_kind == "weighted" else "triplet"
+        losses = f"ID+{kind}" if cfg.loss.triplet else "ID"
+        if any(m.non_local):
+            branches = f"non-local{m.non_local} " + branches
         print(f"{name:24s} {m.backbone} {branches} {losses}{erase} "
               f"{cfg.data.height}x{cfg.data.width} {cfg.optim.epochs}ep")
     return 0
