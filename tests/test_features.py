@@ -90,7 +90,7 @@ def test_extract_features_uses_eval_mode_flip_and_restores_the_mode():
         extract_features(model, [], desc="query")
 
 
-def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_once(caplog):
+def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_once(caplog, capsys):
     model = _PixelLinear().train()
     images = torch.randn(4, 3, 4, 6)
     empty = torch.zeros(0, 3, 4, 6)
@@ -121,3 +121,5 @@ def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_onc
     with torch.no_grad():
         flipped = (wide(images.double()) + wide(images.double().flip(3))) / 2
     torch.testing.assert_close(feats, flipped.float())
+    # No progress bar unless asked for (evaluation inside training logs its own lines).
+    assert capsys.readouterr().err == ""
