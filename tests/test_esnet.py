@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from esreid.config import EraseConfig, LossConfig, ModelConfig
-from esreid.engine.objective import branch_loss, total_loss
-from esreid.models.esnet import build_model
+from esreid.engine.objective import TrainingObjective, branch_loss, total_loss
+from esreid.losses import weighted_regularized_triplet_loss
+from esreid.models.esnet import BranchOutput, TrainOutput, build_model
+from esreid.models.heads import BNNeck
 from esreid.models.pooling import PPooling
 
 TINY = dict(backbone="resnet10", pretrained="none")
@@ -171,3 +173,106 @@ def test_no_weight_decay_names_each_p_pooling_exponent(aib_pool, esb_pool, per_c
     model = _model(erase="none", aib_pool=aib_pool, esb_pool=esb_pool, ppool_per_channel=per_channel)
     assert model.no_weight_decay() == expected
     assert expected <= dict(model.named_parameters()).keys()
+
+
+def _hand_outputs():
+    """Two branches' outputs with fixed values, as a training forward would return them."""
+    g = torch.Generator().manual_seed(3)
+    branches = {}
+    for name in ("aib", "esb"):
+        feat = torch.randn(6, 4, generator=g)
+        branches[name] = BranchOutput(feat=feat, bn_feat=2 * feat,
+                                      logits=torch.randn(6, 5, generator=g))
+    return TrainOutput(branches=branches, info={"erased_fraction": 0.25})
+
+
+def _smoothed_ce(logits, pids, eps):
+    # Bag of Tricks: target (1 - eps) * onehot + eps / C, written out.
+    q = torch.full_like(logits, eps / logits.shape[1])
+    q[torch.arange(len(pids)), pids] += 1 - eps
+    return -(q * logits.log_softmax(1)).sum(1).mean()
+
+
+def _batch_hard(feat, pids, margin):
+    # Hardest positive and negative of each anchor from the Euclidean distances, written out.
+    losses = []
+    for i in range(len(pids)):
+        d = ((feat - feat[i]) ** 2).sum(1).sqrt()
+        pos = [float(d[j]) for j in range(len(pids)) if pids[j] == pids[i] and j != i]
+        neg = [float(d[j]) for j in range(len(pids)) if pids[j] != pids[i]]
+        losses.append(max(0.0, max(pos) - min(neg) + margin))
+    return sum(losses) / len(losses)
+
+
+def test_eq1_is_each_branch_ce_plus_triplet_summed():
+    # Not the defaults, so that a term taking a fixed value instead of the configured one
+    # (or another branch's output) changes the result.
+    cfg = LossConfig(label_smooth=0.3, margin=2.5)
+    out, pids = _hand_outputs(), torch.tensor([0, 0, 1, 1, 2, 2])
+    loss, parts = total_loss(out, pids, cfg)
+    expected = {}
+    for name, b in out.branches.items():
+        expected[f"id_{name}"] = float(_smoothed_ce(b.logits, pids, 0.3))
+        expected[f"triplet_{name}"] = _batch_hard(b.feat, pids, 2.5)
+    assert parts == pytest.approx(expected, rel=1e-5)
+    assert min(expected.values()) > 0  # every term counts in the sum below
+    assert float(loss) == pytest.approx(sum(expected.values()), rel=1e-5)
+
+
+def test_eq1_without_triplet_and_with_the_weighted_triplet():
+    out, pids = _hand_outputs(), torch.tensor([0, 0, 1, 1, 2, 2])
+    loss, parts = total_loss(out, pids, LossConfig(triplet=False))
+    ce = {f"id_{n}": float(_smoothed_ce(b.logits, pids, 0.1)) for n, b in out.branches.items()}
+    assert parts == pytest.approx(ce, rel=1e-5)
+    assert float(loss) == pytest.approx(sum(ce.values()), rel=1e-5)
+    _, parts = total_loss(out, pids, LossConfig(triplet_kind="weighted"))
+    for name, b in out.branches.items():
+        assert parts[f"triplet_{name}"] == pytest.approx(
+            float(weighted_regularized_triplet_loss(b.feat, pids)), rel=1e-6)
+
+
+def test_training_objective_returns_eq1_its_detached_terms_and_the_eraser_info():
+    class _Fixed(torch.nn.Module):
+        """Stands in for ESNet: forward_train returns fixed outputs whose features need grad."""
+
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward_train(self, images, pids, generator=None):
+            self.seen = (images, pids, generator)
+            return self.out
+
+    out, pids = _hand_outputs(), torch.tensor([0, 0, 1, 1, 2, 2])
+    for b in out.branches.values():
+        b.feat.requires_grad_(True)
+        b.logits.requires_grad_(True)
+    cfg = LossConfig(label_smooth=0.2, margin=1.0)
+    model, images, generator = _Fixed(out), torch.zeros(6, 3, 8, 4), torch.Generator()
+    loss, terms, info = TrainingObjective(model, cfg)(images, pids, generator)
+    # The erasing draw uses the caller's generator (seeded runs repeat their erasing).
+    assert model.seen[0] is images and model.seen[1] is pids and model.seen[2] is generator
+    expected_loss, expected_parts = total_loss(out, pids, cfg)
+    assert set(terms) == set(expected_parts)
+    assert {k: float(v) for k, v in terms.items()} == pytest.approx(expected_parts, rel=1e-6)
+    assert all(not v.requires_grad for v in terms.values())
+    assert float(loss.detach()) == pytest.approx(sum(expected_parts.values()), rel=1e-6)
+    assert loss.requires_grad and info == {"erased_fraction": 0.25}
+
+
+def test_bnneck_is_an_unshifted_batch_norm_then_a_bias_free_classifier():
+    torch.manual_seed(0)
+    neck = BNNeck(256, 300)
+    # Bag of Tricks: the BN shift is fixed at 0 (never trained), the scale starts at 1, the
+    # classifier has no bias and starts from N(0, 0.001^2).
+    assert not neck.bn.bias.requires_grad and torch.equal(neck.bn.bias, torch.zeros(256))
+    assert neck.bn.weight.requires_grad and torch.equal(neck.bn.weight, torch.ones(256))
+    assert neck.classifier.bias is None and neck.classifier.weight.shape == (300, 256)
+    w = neck.classifier.weight.detach()
+    assert float(w.std()) == pytest.approx(0.001, rel=0.02) and abs(float(w.mean())) < 1e-5
+    feat = 3 + 2 * torch.randn(8, 256)
+    bn_feat, logits = neck.train()(feat)
+    # Training mode: each dimension standardised over the batch (biased variance).
+    mean, var = feat.mean(0), feat.var(0, unbiased=False)
+    torch.testing.assert_close(bn_feat, (feat - mean) / torch.sqrt(var + 1e-5))
+    torch.testing.assert_close(logits, bn_feat @ neck.classifier.weight.t())
