@@ -49,7 +49,28 @@ def test_demo_table_says_it_rests_on_one_seed(demo):
     assert lines[note] == ("1 seed (train.seed=0): one run per model, so a gap of a few points "
                            "may be seed-to-seed noise; `esreid study` measures it over several "
                            "seeds (docs/experiments.md)")
-    assert lines[note + 1].startswith("model ") and "rank-1" in lines[note + 1]
+    assert lines[note + 1] == "normal queries:"
+    assert lines[note + 2].startswith("model ") and "rank-1" in lines[note + 2]
+    occluded = lines.index("occluded queries (the same queries, one body part of each covered):")
+    assert lines[occluded + 1] == lines[note + 2]  # the same table layout
+    assert lines[occluded + 3].startswith("Base (Bag of Tricks)")
+    assert lines[occluded + 4].startswith("ES-Net")
+
+
+def test_demo_evaluates_both_models_on_the_occluded_queries(demo):
+    out, summary, printed = demo
+    saved = json.loads((out / "results.json").read_text())
+    manifest = json.loads((out / "synthetic_occluded" / "synthetic.json").read_text())
+    assert manifest["params"]["occlude_queries"] == ["head", "upper", "lower", "shoes"]
+    for name in ("base", "esnet"):
+        occluded = saved["models"][name]["occluded"]
+        assert occluded["dataset"] == "synthetic_occluded"
+        assert occluded["sizes"] == saved["models"][name]["sizes"]  # same queries and gallery
+        assert load_results(out / name / "results_occluded.json")["metrics"] == pytest.approx(
+            occluded["metrics"])
+        m = occluded["metrics"]
+        assert f"{100 * m['rank1']:6.1f}% {100 * m['rank5']:6.1f}%" in printed.split(
+            "occluded queries")[1]
 
 
 def test_plot_and_report_of_demo_runs(demo, capsys):

@@ -149,6 +149,27 @@ def _train_records(folder: RunFolder) -> list[dict[str, Any]]:
     return records
 
 
+def evaluate_occluded(model: torch.nn.Module, cfg: Config, occluded_data: ReIDData,
+                      occluded_root: Path, run_dir: Path, epoch: int,
+                      device: torch.device | str = "cpu",
+                      gallery_features: torch.Tensor | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on the occluded-query variant and write ``run_dir/results_occluded.json``.
+
+    ``gallery_features``: the gallery descriptors from the evaluation on the ordinary queries
+    (the two benchmarks share the gallery byte for byte), so only the queries are embedded.
+    The results say ``dataset: synthetic_occluded`` so that reports keep them apart.
+    """
+    with torch.no_grad():
+        result = evaluate_model(model, occluded_data, cfg, device,
+                                gallery_features=gallery_features)
+    result.update(dataset="synthetic_occluded", query_set="occluded", epoch=epoch,
+                  data_root=str(occluded_root), run_dir=str(run_dir))
+    write_results(Path(run_dir) / OCCLUDED_RESULTS, result)
+    log.info("%s on occluded queries: rank-1 %.1f%%, mAP %.1f%%", result["run"],
+             100 * result["metrics"]["rank1"], 100 * result["metrics"]["mAP"])
+    return result
+
+
 def _run_one(cfg: Config, data: ReIDData, occluded_data: ReIDData,
              occluded_root: Path) -> dict[str, Any]:
     """Train (or resume, or skip) one run and evaluate it on both query sets."""
@@ -176,15 +197,9 @@ def _run_one(cfg: Config, data: ReIDData, occluded_data: ReIDData,
         if occluded.get("epoch") != trainer.epoch:
             occluded = None  # written before the run trained further
     if occluded is None:
-        # The two benchmarks share the gallery byte for byte: only the queries are embedded.
-        with torch.no_grad():
-            occluded = evaluate_model(trainer.model, occluded_data, cfg, trainer.device,
-                                      gallery_features=feats.get("gallery"))
-        occluded.update(dataset="synthetic_occluded", query_set="occluded", epoch=trainer.epoch,
-                        data_root=str(occluded_root), run_dir=str(folder.path))
-        write_results(occluded_path, occluded)
-        log.info("%s on occluded queries: rank-1 %.1f%%, mAP %.1f%%", cfg.train.run_name,
-                 100 * occluded["metrics"]["rank1"], 100 * occluded["metrics"]["mAP"])
+        occluded = evaluate_occluded(trainer.model, cfg, occluded_data, occluded_root,
+                                     folder.path, trainer.epoch, trainer.device,
+                                     gallery_features=feats.get("gallery"))
     records = _train_records(folder)
     last = records[-1] if records else {}
     return {"normal": normal, "occluded": occluded, "run_dir": str(folder.path),
