@@ -88,6 +88,8 @@ def test_extract_features_uses_eval_mode_flip_and_restores_the_mode():
     assert pids.tolist() == [1, 1, 2, 2, 3] and camids.tolist() == [0, 1, 0, 1, 0]
     with pytest.raises(ValueError, match="query: the loader yielded no images"):
         extract_features(model, [], desc="query")
+    with pytest.raises(ValueError, match="^features: the loader yielded no images"):
+        extract_features(model, [])
 
 
 def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_once(caplog, capsys):
@@ -113,6 +115,10 @@ def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_onc
     logged = [r.getMessage() for r in caplog.records if r.name == "esreid.features"]
     assert logged == [f"skipped unreadable image {p} (data.on_bad_image=skip)"
                       for p in ("bad1", "bad2")]
+    # Without a log from the caller it keeps its own for the call.
+    feats, _, _ = extract_features(model, [(images, [1, 2, 3, 4], [0] * 4, list("abcd"),
+                                            ["bad3"])], flip=False)
+    torch.testing.assert_close(feats, expected)
     # Four-element batches (no skipped paths) and a float64 model: float32 out, and flip on
     # by default.
     wide = _PixelLinear().to(torch.float64)
