@@ -175,6 +175,8 @@ def test_evaluate_never_overwrites_the_runs_results(finished_run, tmp_path, synt
     assert first["epoch"] == 2 and first["checkpoint"] == str(ckpt)
     assert main(["evaluate", "--checkpoint", str(ckpt), "--set", "eval.rerank=true"]) == 0
     assert (run / "results_synthetic_rerank.json").is_file()
+    settings = json.loads((run / "results_synthetic_rerank.json").read_text())["rerank_settings"]
+    assert (settings["k1"], settings["k2"], settings["lambda"]) == (20, 6, 0.3)
     assert (run / "results.json").read_bytes() == results
     # A checkpoint outside a run folder: results beside it, not in its grandparent.
     elsewhere = tmp_path / "shared" / "models"

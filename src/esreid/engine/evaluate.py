@@ -102,6 +102,10 @@ def evaluate_model(model: nn.Module, data: ReIDData, cfg: Config,
         "dataset": data.name,
         "protocol": data.protocol,
         "rerank": bool(cfg.eval.rerank),
+        # Which re-ranking made the figures (the reference conventions since this field).
+        **({"rerank_settings": {"method": "k-reciprocal (Zhong et al. reference)",
+                                "k1": cfg.eval.k1, "k2": cfg.eval.k2,
+                                "lambda": cfg.eval.lambda_value}} if cfg.eval.rerank else {}),
         "metric": cfg.eval.metric,
         "flip": bool(cfg.eval.flip),
     }
