@@ -101,7 +101,8 @@ def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_onc
     loader = [
         (images[:2], [1, 2], [0, 1], ["a", "b"], ["bad1"]),
         (empty, [], [], [], ["bad1", "bad2"]),
-        (images[2:], [3, 4], [1, 0], ["c", "d"], []),
+        (images[2:3], [3], [1], ["c"], []),
+        (images[3:], [4], [0], ["d"], []),  # batches of one image count like any other
     ]
     seen = BadImageLog()
     with caplog.at_level(logging.WARNING, logger="esreid.features"):
