@@ -55,8 +55,9 @@ OCCLUDED_RESULTS = "results_occluded.json"
 METRICS = ("rank1", "mAP")
 _METRIC_TITLES = {"rank1": "rank-1", "mAP": "mAP"}
 
-# The study's deviations from the paper presets, so that 3 models x 3 seeds fit about half an
-# hour of a 2-core CPU: a ResNet-10 from scratch at 64x32 (docs/experiments.md says why).
+# The study's deviations from the paper presets, so that 3 models x 3 seeds fit about 40
+# minutes of a shared 2-core CPU: a ResNet-10 from scratch at 64x32, 288 steps per run
+# (docs/experiments.md gives the timings and what this budget can and cannot show).
 STUDY_SETTINGS = [
     "model.backbone=resnet10",
     "model.pretrained=none",
