@@ -538,11 +538,12 @@ RESUME_FREE_KEYS = frozenset({
 })
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -550,7 +551,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two configs: ``{"section.key": (old, new)}``."""
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    a, b = flatten_config(old.to_dict()), flatten_config(new.to_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -307,17 +307,6 @@ def _bookkeeping_keys() -> frozenset[str]:
     return (RESUME_FREE_KEYS - {"optim.epochs", "name"}) | {"train.seed"}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as ``{"section.key": value}``."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _run_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The flattened ``config.yaml`` beside a results file (or in a run directory), or None
     when there is none or it cannot be read."""
@@ -326,7 +315,9 @@ def _run_config(path: str | os.PathLike) -> dict[str, Any] | None:
         data = yaml.safe_load((target.parent / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
-    return _flat(data) if isinstance(data, dict) else None
+    from esreid.config import flatten_config
+
+    return flatten_config(data) if isinstance(data, dict) else None
 
 
 def _experiment_key(res: dict, config: dict[str, Any] | None, path: Path) -> tuple:
