@@ -108,9 +108,59 @@ def test_custom_ranks_and_errors():
     assert "rank2" in res and "rank2_std" in res and "rank5" not in res
     with pytest.raises(ValueError, match="num_draws must be a positive integer, got 0"):
         evaluate_vehicleid(FEATS, PIDS, num_draws=0)
-    with pytest.raises(ValueError, match=r"pids must be 1-D with one entry per feature row \(6\)"):
+    with pytest.raises(ValueError, match=r"^pids must have one entry per feature row \(6\), got 5$"):
         evaluate_vehicleid(FEATS, PIDS[:5])
+    with pytest.raises(ValueError, match=r"^pids must be 1-D, got shape \(2, 3\)$"):
+        evaluate_vehicleid(FEATS, PIDS.reshape(2, 3))
     with pytest.raises(ValueError, match="ranks must be a non-empty sequence of positive integers"):
         evaluate_vehicleid(FEATS, PIDS, ranks=(0, 5))
-    with pytest.raises(ValueError, match="no image is left as a query"):
+    with pytest.raises(ValueError, match="^every identity has a single image, so no image is left as a query$"):
         evaluate_vehicleid(FEATS[:1], PIDS[:1])
+    with pytest.raises(ValueError, match=r"^features must be a 2-D \[num_items, feature_dim\] array"):
+        evaluate_vehicleid(FEATS[:, 0], PIDS)
+    for bad in (True, 2.5, -1):
+        with pytest.raises(ValueError, match="^num_draws must be a positive integer"):
+            evaluate_vehicleid(FEATS, PIDS, num_draws=bad)
+    for bad in ((True,), (1.5,), ()):
+        with pytest.raises(ValueError, match="^ranks must be a non-empty sequence of positive integers"):
+            evaluate_vehicleid(FEATS, PIDS, ranks=bad)
+
+
+def test_defaults_are_ten_draws_from_seed_zero_and_one_draw_is_allowed():
+    res = evaluate_vehicleid(FEATS, PIDS)
+    assert res["num_draws"] == 10
+    assert [d["seed"] for d in res["draws"]] == list(range(10))
+    one = evaluate_vehicleid(FEATS, PIDS, num_draws=1, seed=4)
+    assert one["num_draws"] == 1 and one["rank1_std"] == 0.0
+    assert one["draws"][0] == res["draws"][4]
+
+
+def test_draw_picks_uniformly_within_each_identity_in_index_order():
+    """The published protocol's draw, written out: identities in ascending order, one
+    uniform number each from ``default_rng(seed)``, the pick counted in index order."""
+    rng = np.random.default_rng(7)
+    pids = rng.integers(0, 40, size=400)  # long enough that an unstable sort reorders ties
+    for seed in range(3):
+        u = np.random.default_rng(seed).random(len(np.unique(pids)))
+        expected = np.zeros(len(pids), dtype=bool)
+        for r, pid in zip(u, np.unique(pids)):
+            members = np.flatnonzero(pids == pid)
+            expected[members[int(r * len(members))]] = True
+        np.testing.assert_array_equal(vehicleid_draw(pids, seed), expected)
+
+
+def test_metric_and_large_ranks_reach_the_evaluation():
+    rng = np.random.default_rng(3)
+    pids = np.repeat(np.arange(120), 2)
+    # Norms vary a lot, so cosine and Euclidean rankings differ.
+    feats = (rng.normal(size=(120, 6))[pids] + rng.normal(size=(240, 6))) * rng.uniform(
+        0.1, 10.0, size=(240, 1))
+    for metric in ("euclidean", "cosine"):
+        res = evaluate_vehicleid(feats, pids, num_draws=1, metric=metric, ranks=(1, 60, 100))
+        ref = reference_draw(feats / np.linalg.norm(feats, axis=1, keepdims=True)
+                             if metric == "cosine" else feats,
+                             pids, vehicleid_draw(pids, 0), (1, 60, 100))
+        for key in ("rank1", "rank60", "rank100", "mAP"):
+            assert res[key] == pytest.approx(ref[key], abs=1e-9), (metric, key)
+    assert evaluate_vehicleid(feats, pids, num_draws=1, metric="cosine")["rank1"] != \
+        evaluate_vehicleid(feats, pids, num_draws=1)["rank1"]

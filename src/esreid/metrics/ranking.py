@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from esreid.metrics.distance import ArrayLike, check_chunk_size, check_metric, distance_blocks
+from esreid.metrics.distance import (
+    ArrayLike,
+    as_labels,
+    check_chunk_size,
+    check_metric,
+    distance_blocks,
+)
 
 JUNK_PID = -1
 
@@ -62,20 +68,6 @@ class RankResult:
             f"RankResult has no entry {key!r}; use cmc, mAP, mINP, num_valid, num_skipped "
             f"or rank1..rank{len(self.cmc)}"
         )
-
-
-def _as_labels(x: Iterable[int] | ArrayLike, name: str) -> np.ndarray:
-    """A 1-D int64 array from a list/array/tensor of integer labels; ValueError naming ``name``."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-        arr = arr.astype(np.int64)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
 
 
 def as_distmat(distmat: ArrayLike) -> np.ndarray | torch.Tensor:
@@ -297,10 +289,10 @@ def _labels(
 ) -> dict[str, np.ndarray]:
     """Validated int64 label arrays keyed by argument name."""
     return {
-        "q_pids": _as_labels(q_pids, "q_pids"),
-        "g_pids": _as_labels(g_pids, "g_pids"),
-        "q_camids": _as_labels(q_camids, "q_camids"),
-        "g_camids": _as_labels(g_camids, "g_camids"),
+        "q_pids": as_labels(q_pids, "q_pids"),
+        "g_pids": as_labels(g_pids, "g_pids"),
+        "q_camids": as_labels(q_camids, "q_camids"),
+        "g_camids": as_labels(g_camids, "g_camids"),
     }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from esreid.metrics.distance import ArrayLike, as_feature_tensor, check_metric
+from esreid.metrics.distance import ArrayLike, as_feature_tensor, as_labels, check_metric
 from esreid.metrics.ranking import evaluate_features
 
 
@@ -62,10 +62,10 @@ def evaluate_vehicleid(
     ranks = _check_ranks(ranks)
     check_metric(metric)
     feats = as_feature_tensor(features, "features")
-    pid_arr = np.asarray(pids.detach().cpu().numpy() if isinstance(pids, torch.Tensor) else pids)
-    if pid_arr.ndim != 1 or len(pid_arr) != feats.shape[0]:
+    pid_arr = as_labels(pids, "pids")
+    if len(pid_arr) != feats.shape[0]:
         raise ValueError(
-            f"pids must be 1-D with one entry per feature row ({feats.shape[0]}), got shape {pid_arr.shape}"
+            f"pids must have one entry per feature row ({feats.shape[0]}), got {len(pid_arr)}"
         )
     draws = []
     for d in range(int(num_draws)):
@@ -74,8 +74,9 @@ def evaluate_vehicleid(
         if q_idx.size == 0:
             raise ValueError("every identity has a single image, so no image is left as a query")
         res = evaluate_features(
-            feats[torch.from_numpy(q_idx).to(feats.device)],
-            feats[torch.from_numpy(g_idx).to(feats.device)],
+            # A CPU index tensor selects rows of a tensor on any device.
+            feats[torch.from_numpy(q_idx)],
+            feats[torch.from_numpy(g_idx)],
             pid_arr[q_idx],
             pid_arr[g_idx],
             np.zeros(q_idx.size, dtype=np.int64),
