@@ -247,3 +247,54 @@ def test_distributed_errors_name_the_numbers():
         PKSampler([0, 0, 1, 1, 2, 2], num_instances=2, batch_size=6, num_replicas=2)
     with pytest.raises(ValueError, match="got rank 2 of 2"):
         PKSampler([0, 0, 1, 1], num_instances=2, batch_size=4, num_replicas=2, rank=2)
+
+
+def test_defaults_are_k4_batch64_seed0() -> None:
+    """The documented defaults: 16 identities x 4 images, seed 0."""
+    pids = [i // 6 for i in range(6 * 40)]
+    default = PKSampler(pids)
+    assert (default.num_instances, default.batch_size, default.num_pids_per_batch) == (4, 64, 16)
+    assert list(default) == list(PKSampler(pids, num_instances=4, batch_size=64, seed=0))
+
+
+def test_one_image_batches_are_allowed() -> None:
+    sampler = PKSampler([0, 1, 2], num_instances=1, batch_size=1)
+    assert sorted(int(i) for i in sampler) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"batch_size \(0\) must be a positive multiple"):
+        PKSampler([0, 1, 2], num_instances=1, batch_size=0)
+
+
+def test_start_past_the_end_yields_nothing() -> None:
+    sampler = PKSampler([i // 2 for i in range(8)], num_instances=2, batch_size=4)
+    n = len(sampler)
+    sampler.set_epoch(0, start=n + 4)
+    assert len(sampler) == 0 and list(sampler) == []
+    assert sampler.epoch_length() == n
+
+
+def test_lengths_are_ints() -> None:
+    """``num_batches`` and ``epoch_length`` feed ``range`` and progress bars: plain ints."""
+    sampler = PKSampler(_pids(), num_instances=2, batch_size=4, num_replicas=2, rank=1)
+    assert type(sampler.num_batches()) is int and type(sampler.epoch_length()) is int
+    assert sampler.num_batches() * 2 == sampler.epoch_length() == len(sampler)
+
+
+def test_epoch_order_is_drawn_once_per_epoch(monkeypatch) -> None:
+    """len(), epoch_length(), num_batches() and iteration share one draw of the epoch's order
+    (the trainer calls all of them every epoch; each draw shuffles every identity)."""
+    import numpy as np
+
+    from esreid.data import samplers
+
+    draws = []
+    real = np.random.default_rng
+    monkeypatch.setattr(samplers.np.random, "default_rng",
+                        lambda *a, **k: draws.append(a) or real(*a, **k))
+    sampler = PKSampler(_pids(), num_instances=2, batch_size=4, seed=5)
+    first = (len(sampler), sampler.epoch_length(), sampler.num_batches(), list(sampler))
+    assert len(draws) == 1
+    sampler.set_epoch(1)
+    len(sampler), list(sampler)
+    assert len(draws) == 2
+    sampler.set_epoch(0)
+    assert list(sampler) == first[3] and len(draws) == 3
