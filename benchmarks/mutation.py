@@ -1,12 +1,14 @@
 """Mutation testing of one core module with mutmut (issue 13; docs/testing.md).
 
     python benchmarks/mutation.py src/esreid/engine/schedule.py [--jobs 2] [--summary-only]
+    python benchmarks/mutation.py --all [--summary-only]
 
 Runs ``mutmut run 'esreid.engine.schedule.*'`` from the repository root (mutmut's settings
 are ``[tool.mutmut]`` in pyproject.toml), then prints the module's killed / survived /
 timeout / no-tests counts and its score, killed / (all checked mutants), and lists the
 survivors by name (``mutmut show NAME`` prints a survivor's diff). ``--summary-only`` skips
-the run and reads the results of the last one from ``mutants/``.
+the run and reads the results of the last one from ``mutants/``. ``--all`` does this for
+every file of ``only_mutate``, one after another, and ends with a table of all of them.
 
 Naming the module's mutants makes mutmut re-test every one of them, so the counts always
 describe the current code and tests, never a cached verdict. The first run of a session also
@@ -65,24 +67,16 @@ def summarise(by_name: dict[str, str]) -> tuple[Counter, float | None]:
     return counts, score
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", help="source file, e.g. src/esreid/engine/schedule.py")
-    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
-    parser.add_argument("--summary-only", action="store_true",
-                        help="only summarise the last run's results")
-    args = parser.parse_args(argv)
-    # mutmut reads its settings from ./pyproject.toml and keeps its results in ./mutants.
-    os.chdir(ROOT)
-    path = str(Path(args.module))
-    if not args.summary_only:
-        # One torch thread per mutant worker: --jobs workers already share the cores.
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        done = subprocess.run([str(MUTMUT), "run", "--max-children", str(args.jobs),
-                               module_glob(path)], cwd=ROOT, env=env)
-        if done.returncode != 0:
-            print(f"mutmut run exited with {done.returncode}", file=sys.stderr)
-            return done.returncode
+def configured_modules() -> list[str]:
+    """The files mutmut mutates: ``only_mutate`` of ``[tool.mutmut]`` in pyproject.toml."""
+    import tomllib
+
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return list(settings["only_mutate"])
+
+
+def report(path: str) -> tuple[Counter, float | None]:
+    """Print one module's counts, score and the mutants not killed; return counts and score."""
     by_name = statuses(path)
     counts, score = summarise(by_name)
     print(f"\n{path}: {len(by_name)} mutants")
@@ -100,6 +94,45 @@ def main(argv: list[str] | None = None) -> int:
         print("not killed:")
         for name in alive:
             print(f"  {name}  [{by_name[name]}]")
+    return counts, score
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("module", nargs="?",
+                        help="source file, e.g. src/esreid/engine/schedule.py")
+    parser.add_argument("--all", action="store_true",
+                        help="every file of only_mutate in pyproject.toml, then a table")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only summarise the last run's results")
+    args = parser.parse_args(argv)
+    if args.all == (args.module is not None):
+        parser.error("give one module or --all")
+    # mutmut reads its settings from ./pyproject.toml and keeps its results in ./mutants.
+    os.chdir(ROOT)
+    paths = configured_modules() if args.all else [str(Path(args.module))]
+    rows = []
+    for path in paths:
+        if not args.summary_only:
+            # One torch thread per mutant worker: --jobs workers already share the cores.
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            done = subprocess.run([str(MUTMUT), "run", "--max-children", str(args.jobs),
+                                   module_glob(path)], cwd=ROOT, env=env)
+            if done.returncode != 0:
+                print(f"mutmut run of {path} exited with {done.returncode}", file=sys.stderr)
+                return done.returncode
+        counts, score = report(path)
+        rows.append((path, counts, score))
+    if len(rows) > 1:
+        print("\n| module | mutants | killed | survived | other | score |")
+        print("|---|---|---|---|---|---|")
+        for path, counts, score in rows:
+            total = sum(counts.values())
+            other = total - counts["killed"] - counts["survived"]
+            shown = "n/a" if score is None else f"{100 * score:.1f}%"
+            print(f"| `{path}` | {total} | {counts['killed']} | {counts['survived']} | {other} "
+                  f"| {shown} |")
     return 0
 
 
