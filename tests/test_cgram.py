@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -375,3 +377,314 @@ def test_batch_cg_ram_and_grad_cam_compute_in_float32_under_autocast():
     assert plain.dtype == mixed.dtype == mixed_cam.dtype == torch.float32
     assert (plain > 0).any() and (plain_cam > 0).any()
     assert torch.equal(mixed, plain) and torch.equal(mixed_cam, plain_cam)
+
+
+# --- exact error messages, dtypes and edge cases (mutation testing, issue 13) ---------------
+
+
+class _LayerThen(nn.Module):
+    """images -> `layer` -> `rest` -> [N, D]; `layer` is any module under test."""
+
+    def __init__(self, layer: nn.Module, rest) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rest = rest
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.layer(x))
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_cg_ram_error_messages_are_exact():
+    model = TinyEmbed()
+    q, g = _pair_images()
+    with pytest.raises(
+        ValueError, match=r"^query_images must be \[N, 3, H, W\], got shape \(3, 4, 3\)$"
+    ):
+        cg_ram(model, model.layer, q[0], g[0])
+    with pytest.raises(
+        ValueError,
+        match=r"^gallery_images must have the same shape as query_images \(3, 3, 4, 3\) "
+        r"\(N pairs\), got \(2, 3, 4, 3\)$",
+    ):
+        cg_ram(model, model.layer, q, g[:2])
+    with pytest.raises(ValueError, match=r"^layer must be a submodule of embed$"):
+        cg_ram(model, nn.Conv2d(3, 4, 1), q, g)
+
+    class Twice(TinyEmbed):
+        def forward(self, x):
+            self.layer(x)
+            return super().forward(x)
+
+    twice = Twice()
+    with pytest.raises(
+        ValueError, match=r"^layer must run exactly once in embed's forward, it ran 2 times$"
+    ):
+        cg_ram(twice, twice.layer, q, g)
+
+    class Missing(TinyEmbed):
+        def forward(self, x):
+            return self.fc(x.mean(dim=(2, 3)).repeat(1, 2)[:, :4])
+
+    missing = Missing()
+    with pytest.raises(
+        ValueError, match=r"^layer must run exactly once in embed's forward, it ran 0 times$"
+    ):
+        cg_ram(missing, missing.layer, q, g)
+
+    class Short(TinyEmbed):
+        def forward(self, x):
+            return super().forward(x)[1:]  # 2-D, but one row short
+
+    short = Short()
+    with pytest.raises(
+        ValueError, match=r"^embed must return descriptors \[N=6, D\], got shape \(5, 5\)$"
+    ):
+        cg_ram(short, short.layer, q, g)
+
+    class Flat(TinyEmbed):
+        def forward(self, x):
+            return super().forward(x)[:, :, None]
+
+    flat = Flat()
+    with pytest.raises(
+        ValueError, match=r"^embed must return descriptors \[N=6, D\], got shape \(6, 5, 1\)$"
+    ):
+        cg_ram(flat, flat.layer, q, g)
+
+
+def test_cg_ram_layer_output_errors():
+    q, g = _pair_images()
+    fc = nn.Linear(3, 2).double()
+    pair = _LayerThen(_Lambda(lambda x: (x, x)), lambda t: fc(t[0].mean((2, 3))))
+    with pytest.raises(
+        TypeError, match=r"^layer must output a single tensor for CG-RAM, got tuple$"
+    ):
+        cg_ram(pair, pair.layer, q, g)
+    three_d = _LayerThen(nn.Flatten(2), lambda t: fc(t.mean(2)))
+    with pytest.raises(
+        ValueError, match=r"^layer output must be \[N, C, h, w\], got shape \(6, 3, 12\)$"
+    ):
+        cg_ram(three_d, three_d.layer, q, g)
+    integer = _LayerThen(_Lambda(lambda x: x.long()), lambda t: fc(t.double().mean((2, 3))))
+    with pytest.raises(
+        ValueError, match=r"^layer output must be a floating-point tensor, got torch.int64$"
+    ):
+        cg_ram(integer, integer.layer, q, g)
+    # The layer runs once, but the descriptors do not depend on its output.
+    const = torch.randn(6, 2, generator=_gen(16), dtype=torch.float64, requires_grad=True)
+    ignored = _LayerThen(nn.Identity(), lambda t: const * 1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^the cosine score does not depend on the feature map, no saliency exists$",
+    ):
+        cg_ram(ignored, ignored.layer, q, g)
+
+
+def test_cg_ram_returns_query_maps_by_default_and_keeps_float64():
+    model = TinyEmbed()
+    q, g = _pair_images(n=2)
+    maps = cg_ram(model, model.layer, q, g)
+    assert isinstance(maps, torch.Tensor) and maps.shape == (2, 4, 3)
+    assert maps.dtype == torch.float64
+    # A float32 model and images give float32 maps (A's dtype).
+    model32 = TinyEmbed(dtype=torch.float32)
+    maps32 = cg_ram(model32, model32.layer, q.float(), g.float())
+    assert maps32.dtype == torch.float32
+    torch.testing.assert_close(maps32, _hand_pair_maps(model32, q.float(), g.float())[0])
+
+
+def test_batch_cg_ram_error_messages_are_exact():
+    a = torch.rand(3, 4, 2, 2, dtype=torch.float64)
+    calls = []
+
+    def head(x):
+        calls.append(1)
+        return x.mean((2, 3))
+
+    with pytest.raises(ValueError, match=r"^pids must be \[N=3\], got shape \(2,\)$"):
+        batch_cg_ram(head, a, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^pids must be \[N=3\], got shape \(3, 1\)$"):
+        batch_cg_ram(head, a, torch.tensor([[0], [0], [1]]))
+    assert calls == []  # the labels are checked before the head runs
+    with pytest.raises(
+        ValueError, match=r"^feature_map must be \[N, C, h, w\], got shape \(4, 2, 2\)$"
+    ):
+        batch_cg_ram(head, a[0], torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(
+        ValueError, match=r"^feature_map must be a floating-point tensor, got torch.int64$"
+    ):
+        batch_cg_ram(head, a.long(), torch.tensor([0, 0, 1]))
+    with pytest.raises(
+        ValueError, match=r"^head must return descriptors \[N=3, D\], got shape \(2, 4\)$"
+    ):
+        batch_cg_ram(lambda x: x.mean((2, 3))[:2], a, torch.tensor([0, 0, 1]))
+    with pytest.raises(
+        ValueError, match=r"^head must return descriptors \[N=3, D\], got shape \(3, 4, 1\)$"
+    ):
+        batch_cg_ram(lambda x: x.mean((2, 3))[:, :, None], a, torch.tensor([0, 0, 1]))
+    const = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=torch.float64)
+    const.requires_grad_(True)
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch score does not depend on the feature map, no saliency exists$",
+    ):
+        batch_cg_ram(lambda x: const * 1.0, a, torch.tensor([0, 0, 1]))
+
+
+def test_batch_cg_ram_no_pair_maps_keep_dtype_and_shape():
+    a = torch.rand(3, 4, 5, 2, generator=_gen(9), dtype=torch.float64)
+    maps = batch_cg_ram(_linear_head(), a, torch.tensor([0, 1, 2]))
+    assert maps.dtype == torch.float64 and maps.shape == (3, 5, 2)
+    assert torch.equal(maps, torch.zeros(3, 5, 2, dtype=torch.float64))
+    assert not maps.requires_grad
+
+
+def test_batch_cg_ram_pairs_with_sample_zero_as_positive():
+    """Sample 0 is the easiest positive of sample 1 (index 0 is a valid partner)."""
+    head = _linear_head()
+    a = torch.rand(2, 4, 3, 2, generator=_gen(12), dtype=torch.float64)
+    pids = torch.tensor([5, 5])
+    maps = batch_cg_ram(head, a, pids)
+    leaf = a.clone().requires_grad_()
+    f = head(leaf)
+    s = cosine_score(f, f[[1, 0]])  # pairs (0, 1) and (1, 0)
+    (grad,) = torch.autograd.grad((torch.exp(s.detach()) * s).sum(), leaf)
+    expected = torch.relu((grad * a).sum(1))
+    assert (expected[0] > 0).any() and (expected[1] > 0).any()
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_cam_batch_matches_direct_autograd_on_nonlinear_head():
+    """A head whose gradient varies over space: alpha is the spatial mean over h and w."""
+    torch.manual_seed(1)
+    head = nn.Sequential(
+        nn.Conv2d(4, 5, 1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(5, 6)
+    ).double()
+    a = torch.rand(3, 4, 3, 5, generator=_gen(13), dtype=torch.float64)
+    targets = torch.tensor([5, 0, 2])
+    maps = grad_cam_batch(head, a, targets)
+    leaf = a.clone().requires_grad_()
+    log_p = torch.log_softmax(head(leaf), dim=1)[torch.arange(3), targets].sum()
+    (grad,) = torch.autograd.grad(log_p, leaf)
+    assert not torch.allclose(grad, grad.mean(3, keepdim=True))  # not constant along w
+    assert not torch.allclose(grad, grad.mean(2, keepdim=True))  # nor along h
+    alpha = grad.mean(dim=(2, 3), keepdim=True)
+    expected = torch.relu((alpha * a).sum(1))
+    assert (expected > 0).any()
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
+    assert maps.dtype == torch.float64 and not maps.requires_grad
+
+
+def test_grad_cam_batch_error_messages_are_exact():
+    head = _linear_head(c=4, d=5)
+    a = torch.rand(2, 4, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^targets must be \[N=2\], got shape \(3,\)$"):
+        grad_cam_batch(head, a, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"^targets must be \[N=2\], got shape \(2, 1\)$"):
+        grad_cam_batch(head, a, torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match=r"^targets must be an integer tensor, got torch.float32$"):
+        grad_cam_batch(head, a, torch.tensor([0.0, 1.0]))
+    with pytest.raises(
+        ValueError, match=r"^feature_map must be \[N, C, h, w\], got shape \(4, 2, 2\)$"
+    ):
+        grad_cam_batch(head, a[0], torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(
+        ValueError, match=r"^feature_map must be a floating-point tensor, got torch.int64$"
+    ):
+        grad_cam_batch(head, a.long(), torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError, match=r"^logits_fn must return logits \[N=2, K\], got shape \(1, 5\)$"
+    ):
+        grad_cam_batch(lambda x: head(x)[:1], a, torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError, match=r"^logits_fn must return logits \[N=2, K\], got shape \(2, 5, 1\)$"
+    ):
+        grad_cam_batch(lambda x: head(x)[:, :, None], a, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^targets must lie in \[0, 5\), got values -1..3$"):
+        grad_cam_batch(head, a, torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match=r"^targets must lie in \[0, 5\), got values 0..5$"):
+        grad_cam_batch(head, a, torch.tensor([0, 5]))
+    const = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(
+        ValueError,
+        match=r"^the class log-probability does not depend on the feature map, "
+        r"no saliency exists$",
+    ):
+        grad_cam_batch(lambda x: const * 1.0, a, torch.tensor([0, 1]))
+
+
+def test_grad_cam_batch_accepts_the_first_and_last_class():
+    head = _linear_head(seed=14, c=4, d=3)
+    a = torch.rand(2, 4, 2, 2, generator=_gen(15), dtype=torch.float64)
+    targets = torch.tensor([0, 2], dtype=torch.int32)  # any integer dtype
+    maps = grad_cam_batch(head, a, targets)
+    with torch.no_grad():
+        prob = torch.softmax(head(a), dim=1)
+        onehot = torch.nn.functional.one_hot(targets.long(), 3).double()
+        alpha = ((onehot - prob) @ head[2].weight / 4.0)[:, :, None, None]
+    torch.testing.assert_close(maps, torch.relu((alpha * a).sum(1)), rtol=1e-10, atol=1e-12)
+
+
+def test_easiest_positive_error_messages_are_exact():
+    with pytest.raises(ValueError, match=r"^features must be \[N, D\], got shape \(2, 3, 1\)$"):
+        easiest_positive(torch.zeros(2, 3, 1), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^pids must be \[N=2\], got shape \(3,\)$"):
+        easiest_positive(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^pids must be \[N=2\], got shape \(2, 1\)$"):
+        easiest_positive(torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^pids must be an integer tensor, got torch.float32$"):
+        easiest_positive(torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^pids must be an integer tensor, got torch.complex64$"):
+        easiest_positive(torch.zeros(2, 3), torch.zeros(2, dtype=torch.complex64))
+
+
+def test_easiest_positive_is_exact_for_large_near_identical_batches():
+    """More than 25 rows far from the origin: an mm-based distance (|x|^2 + |y|^2 - 2xy in
+    float32) would lose the 0.01-scale gaps; the direct difference keeps them."""
+    n = 30
+    i = torch.arange(n, dtype=torch.float32)
+    features = torch.stack([1000 + 0.01 * i * i, torch.full((n,), -1000.0)], dim=1)
+    got = easiest_positive(features, torch.zeros(n, dtype=torch.long))
+    # Gaps grow with i, so the nearest other row of i > 0 is i - 1 (and of 0 it is 1).
+    assert got.tolist() == [1] + list(range(n - 1))
+    assert got.dtype == torch.int64
+
+
+def test_upsample_saliency_error_messages_are_exact():
+    maps = torch.rand(2, 3, 3)
+    with pytest.raises(ValueError, match=r"^maps must be \[N, h, w\], got shape \(3, 3\)$"):
+        upsample_saliency(maps[0], (2, 2))
+    for size in [(0, 4), (4, 0), (2, 2, 2), (4,)]:
+        with pytest.raises(
+            ValueError,
+            match=rf"^size must be \(H, W\) with positive entries, got {re.escape(str(size))}$",
+        ):
+            upsample_saliency(maps, size)
+    assert upsample_saliency(maps, (1, 1)).shape == (2, 1, 1)  # the smallest valid size
+
+
+def test_upsample_saliency_dtypes_and_default_normalisation():
+    maps = torch.tensor([[[0.0, 0.5]], [[0.25, 0.25]]], dtype=torch.float64)  # span 0.5 < 1
+    normed = upsample_saliency(maps, (1, 4))  # normalize is the default
+    assert normed.dtype == torch.float64
+    expected = torch.tensor([[[0.0, 0.25, 0.75, 1.0]], [[0.0] * 4]], dtype=torch.float64)
+    torch.testing.assert_close(normed, expected)
+    raw = upsample_saliency(maps, (1, 4), normalize=False)
+    assert raw.dtype == torch.float64
+    torch.testing.assert_close(raw, expected * 0.5 + torch.tensor([[[0.0]], [[0.25]]]).double())
+    # Integer maps become float32; a shifted map is scaled from its own minimum.
+    ints = torch.tensor([[[3, 7]]])
+    up = upsample_saliency(ints, (2, 4))
+    assert up.dtype == torch.float32
+    torch.testing.assert_close(up, torch.tensor([[[0.0, 0.25, 0.75, 1.0]] * 2]))
+    raw_ints = upsample_saliency(ints, (1, 2), normalize=False)
+    assert raw_ints.dtype == torch.float32 and raw_ints.tolist() == [[[3.0, 7.0]]]
