@@ -238,3 +238,259 @@ def test_evaluate_rank_errors():
         evaluate_rank(distmat, **{**ok, "g_pids": [7, 8, 9]})
     with pytest.raises(ValueError, match="q_camids has 1 entries but there are 3 queries"):
         evaluate_features(np.zeros((3, 4)), np.zeros((3, 4)), [1, 2, 3], [1, 2, 3], [0], [1, 1, 1])
+
+
+# --- Sharpened for mutation testing (issue 13): defaults, boundaries, exact messages. ---
+
+
+def one_query_problem():
+    """One query (pid 1, camera 0) against g0 neg, g1 pos, g2 neg, g3 pos (ranks 2 and 4)."""
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4]])
+    return distmat, [1], [2, 1, 2, 1], [0], [1, 1, 1, 1]
+
+
+def test_default_max_rank_is_50():
+    res = evaluate_rank(*one_query_problem())
+    np.testing.assert_array_equal(res.cmc, [0.0] + [1.0] * 49)
+    qf = np.array([[0.0, 0.0]])
+    gf = np.array([[1.0, 0.0], [2.0, 0.0]])
+    res = evaluate_features(qf, gf, [1], [2, 1], [0], [1, 1])
+    np.testing.assert_array_equal(res.cmc, [0.0] + [1.0] * 49)
+
+
+def test_evaluate_features_default_metric_is_euclidean():
+    # Euclidean puts the near negative g1 first (rank 2 for the positive g0); cosine puts
+    # g0, in the query's direction, first.
+    qf = np.array([[1.0, 0.0]])
+    gf = np.array([[10.0, 0.0], [1.0, 0.5]])
+    labels = ([1], [1, 2], [0], [1, 1])
+    default = evaluate_features(qf, gf, *labels, max_rank=2)
+    assert default.mAP == 0.5 and default.mINP == 0.5
+    np.testing.assert_array_equal(default.cmc, [0.0, 1.0])
+    cosine = evaluate_features(qf, gf, *labels, metric="cosine", max_rank=2)
+    assert cosine.mAP == 1.0
+    np.testing.assert_array_equal(cosine.cmc, [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("max_rank", "keys"),
+    [
+        (1, ["rank1"]),
+        (4, ["rank1"]),
+        (5, ["rank1", "rank5"]),
+        (9, ["rank1", "rank5"]),
+        (10, ["rank1", "rank5", "rank10"]),
+    ],
+)
+def test_to_dict_lists_ranks_within_cmc(max_rank, keys):
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1]])
+    # Positives at ranks 1, 5 and 10 (negatives elsewhere) -> cmc steps at 1 only.
+    g_pids = [1, 2, 2, 2, 1, 2, 2, 2, 2, 1, 2]
+    res = evaluate_rank(distmat, [1], g_pids, [0], [1] * 11, max_rank=max_rank)
+    d = res.to_dict()
+    assert list(d) == [*keys, "mAP", "mINP", "num_valid", "num_skipped"]
+    for key in keys:
+        assert d[key] == 1.0 and d[key] == res[key]
+    assert d["mAP"] == pytest.approx((1 + 2 / 5 + 3 / 10) / 3)
+    assert d["mINP"] == pytest.approx(3 / 10)
+    assert (d["num_valid"], d["num_skipped"]) == (1, 0)
+
+
+def test_to_dict_reads_the_right_cmc_entries():
+    # Two valid queries: first hits at rank 5 and rank 10 -> cmc is 0 up to 4, 1/2 from 5, 1 from 10.
+    distmat = np.tile(np.arange(10, dtype=np.float64), (3, 1))
+    g_pids = [2, 2, 2, 2, 1, 2, 2, 2, 2, 3]
+    res = evaluate_rank(distmat, [1, 3, 4], g_pids, [0, 0, 0], [1] * 10, max_rank=12)
+    assert res.to_dict() == {
+        "rank1": 0.0,
+        "rank5": 0.5,
+        "rank10": 1.0,
+        "mAP": pytest.approx((1 / 5 + 1 / 10) / 2),
+        "mINP": pytest.approx((1 / 5 + 1 / 10) / 2),
+        "num_valid": 2,
+        "num_skipped": 1,
+    }
+    np.testing.assert_array_equal(res.cmc, [0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, 1, 1, 1])
+    assert [res[f"rank{k}"] for k in (1, 4, 5, 9, 10, 12)] == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    assert res["num_valid"] == 2 and res["num_skipped"] == 1
+    for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
+        assert type(res.to_dict()[key]) is float
+    assert type(res.to_dict()["num_skipped"]) is int
+
+
+@pytest.mark.parametrize("key", ["rank0", "rank13", "rank", "rankx", "Rank1", "map", "rank-1"])
+def test_getitem_unknown_key_message(key):
+    distmat = np.tile(np.arange(10, dtype=np.float64), (1, 1))
+    res = evaluate_rank(distmat, [1], [2, 1, 2, 2, 2, 2, 2, 2, 2, 2], [0], [1] * 10, max_rank=12)
+    with pytest.raises(KeyError) as err:
+        res[key]
+    assert err.value.args == (
+        f"RankResult has no entry {key!r}; use cmc, mAP, mINP, num_valid, num_skipped "
+        "or rank1..rank12",
+    )
+
+
+def test_max_rank_below_first_hit_and_clipping():
+    # First hits at rank 2 (query 0: g0 neg, g1 pos) and rank 3 (query 1: g0, g2 neg, g1 pos).
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4], [0.1, 0.3, 0.2, 0.4]])
+    g_pids = [2, 1, 2, 1]
+    for max_rank, cmc in [(1, [0.0]), (2, [0.0, 0.5]), (3, [0, 0.5, 1]), (5, [0, 0.5, 1, 1, 1])]:
+        res = evaluate_rank(distmat, [1, 1], g_pids, [0, 0], [1] * 4, max_rank=max_rank)
+        np.testing.assert_array_equal(res.cmc, cmc)
+        assert res.cmc.dtype == np.float64 and res.cmc.shape == (max_rank,)
+        assert res.mAP == pytest.approx(((1 / 2 + 2 / 4) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, False, 2.0, "5", None])
+def test_max_rank_must_be_a_positive_integer(bad):
+    for evaluate, data in [
+        (evaluate_rank, one_query_problem()),
+        (evaluate_features, (np.zeros((1, 2)), np.ones((4, 2)), *one_query_problem()[1:])),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"^max_rank must be a positive integer, got {bad!r}$"
+        ):
+            evaluate(*data, max_rank=bad)
+
+
+def test_max_rank_accepts_numpy_integers():
+    res = evaluate_rank(*one_query_problem(), max_rank=np.int64(3))
+    assert type(res.cmc) is np.ndarray
+    np.testing.assert_array_equal(res.cmc, [0.0, 1.0, 1.0])
+    assert res["rank3"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("q_pids", [1, 1], "q_pids has 2 entries but there are 1 queries"),
+        ("q_camids", [], "q_camids has 0 entries but there are 1 queries"),
+        ("g_pids", [2, 1, 2], "g_pids has 3 entries but there are 4 gallery items"),
+        ("g_camids", [1] * 5, "g_camids has 5 entries but there are 4 gallery items"),
+    ],
+)
+def test_label_length_messages(name, value, message):
+    distmat, q_pids, g_pids, q_camids, g_camids = one_query_problem()
+    labels = dict(q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
+    labels[name] = value
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        evaluate_rank(distmat, **labels)
+    qf, gf = np.zeros((1, 3)), np.ones((4, 3))
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        evaluate_features(qf, gf, **labels)
+
+
+@pytest.mark.parametrize("name", ["q_pids", "g_pids", "q_camids", "g_camids"])
+def test_label_dtype_messages_name_the_argument(name):
+    distmat, q_pids, g_pids, q_camids, g_camids = one_query_problem()
+    labels = dict(q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
+    labels[name] = [0.5] * len(labels[name])
+    with pytest.raises(ValueError, match=rf"^{name} must hold integers, got dtype float64$"):
+        evaluate_rank(distmat, **labels)
+    with pytest.raises(ValueError, match=rf"^{name} must hold integers, got dtype float64$"):
+        evaluate_features(np.zeros((1, 3)), np.ones((4, 3)), **labels)
+
+
+def test_evaluate_features_validates_metric_and_chunk_size():
+    qf, gf = np.zeros((1, 3)), np.ones((4, 3))
+    labels = one_query_problem()[1:]
+    with pytest.raises(ValueError, match=r"^unknown metric 'l1'; expected one of "):
+        evaluate_features(qf, gf, *labels, metric="l1")
+    with pytest.raises(ValueError, match=r"^chunk_size must be a positive integer, got 0$"):
+        evaluate_features(qf, gf, *labels, chunk_size=0)
+    with pytest.raises(ValueError, match=r"^chunk_size must be a positive integer, got 0$"):
+        evaluate_rank(*one_query_problem(), chunk_size=0)
+
+
+def test_distmat_shape_and_dtype_messages():
+    _, q_pids, g_pids, q_camids, g_camids = one_query_problem()
+    labels = (q_pids, g_pids, q_camids, g_camids)
+    with pytest.raises(
+        ValueError, match=r"^distmat must be 2-D \[num_query, num_gallery\], got shape \(1, 1, 4\)$"
+    ):
+        evaluate_rank(np.zeros((1, 1, 4)), *labels)
+    with pytest.raises(
+        ValueError, match=r"^distmat must be 2-D \[num_query, num_gallery\], got shape \(4,\)$"
+    ):
+        evaluate_rank(torch.zeros(4), *labels)
+    with pytest.raises(ValueError, match=r"^distmat must hold real numbers, got dtype complex128$"):
+        evaluate_rank(np.zeros((1, 4), dtype=complex), *labels)
+    with pytest.raises(ValueError, match=r"^distmat must hold real numbers, got dtype bool$"):
+        evaluate_rank(np.zeros((1, 4), dtype=bool), *labels)
+    # A torch matrix reaches the per-block checks as numpy.
+    with pytest.raises(ValueError, match=r"^distmat must hold real numbers, got dtype bool$"):
+        evaluate_rank(torch.zeros(1, 4, dtype=torch.bool), *labels)
+    with pytest.raises(ValueError, match=r"^distmat contains NaN values$"):
+        evaluate_rank(torch.tensor([[0.1, float("nan"), 0.2, 0.3]]), *labels)
+    with pytest.raises(ValueError, match=r"^distmat contains NaN values$"):
+        evaluate_rank(np.array([[0.1, 0.2, 0.3, np.nan]], dtype=np.float32), *labels)
+
+
+def test_no_valid_query_message():
+    distmat, _, g_pids, _, g_camids = one_query_problem()
+    # The only query's matches are all seen by its own camera.
+    with pytest.raises(ValueError) as err:
+        evaluate_rank(np.tile(distmat, (3, 1)), [1, 1, 5], g_pids, [1, 1, 1], g_camids)
+    assert str(err.value) == (
+        "no query has a valid gallery match (all 3 queries skipped); "
+        "check that query and gallery pids overlap across cameras"
+    )
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda d: d.tolist(),
+        lambda d: torch.from_numpy(d).requires_grad_(),
+        lambda d: torch.from_numpy(d).to(torch.bfloat16),
+        lambda d: torch.from_numpy(d).to(torch.float16),
+        lambda d: d.astype(np.int64),
+        lambda d: d.astype(np.uint8),
+    ],
+)
+def test_distmat_types_give_the_same_result(convert):
+    # Small integers, exact in bfloat16: many ties, broken by gallery index in every type.
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(0, nq=9, ng=40)
+    ref = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10, chunk_size=4)
+    out = evaluate_rank(
+        convert(distmat), q_pids, g_pids, q_camids, g_camids, max_rank=10, chunk_size=4
+    )
+    np.testing.assert_array_equal(out.cmc, ref.cmc)
+    assert (out.mAP, out.mINP, out.num_valid, out.num_skipped) == (
+        ref.mAP,
+        ref.mINP,
+        ref.num_valid,
+        ref.num_skipped,
+    )
+
+
+def test_market_gallery_groups_splits_and_valid_mask():
+    from esreid.metrics.ranking import MarketGallery
+
+    g_pids = np.array([3, -1, 0, 3, 7, 3, -1, 7])
+    g_camids = np.array([0, 0, 1, 1, 0, 0, 2, 2])
+    index = MarketGallery(g_pids, g_camids)
+    np.testing.assert_array_equal(index.junk, [1, 6])
+    np.testing.assert_array_equal(index.group(3), [0, 3, 5])
+    np.testing.assert_array_equal(index.group(7), [4, 7])
+    np.testing.assert_array_equal(index.group(0), [2])
+    assert index.group(-1).size == 0 and index.group(9).size == 0
+    pos, same = index.split(3, 0)
+    np.testing.assert_array_equal(pos, [3])
+    np.testing.assert_array_equal(same, [0, 5])
+    pos, same = index.split(7, 1)
+    np.testing.assert_array_equal(pos, [4, 7])
+    assert same.size == 0
+    np.testing.assert_array_equal(
+        index.valid_mask(3, 0), [False, False, True, True, True, False, False, True]
+    )
+    np.testing.assert_array_equal(
+        index.valid_mask(7, 2), [True, False, True, True, True, True, False, False]
+    )
+    np.testing.assert_array_equal(
+        index.valid_mask(5, 0), [True, False, True, True, True, True, False, True]
+    )
+    assert index.valid_mask(3, 0).dtype == bool
+    # Junk queries: nothing is positive, nothing extra is removed.
+    pos, same = index.split(-1, 0)
+    assert pos.size == 0 and same.size == 0
