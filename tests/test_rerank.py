@@ -130,8 +130,12 @@ def test_float32_reference_agrees(metric):
 
 @pytest.mark.parametrize(
     ("metric", "k1", "k2", "lam"),
-    [("euclidean", 20, 6, 0.3), ("cosine", 6, 1, 0.3), ("euclidean", 2, 3, 0.0),
-     ("cosine", 1, 2, 0.3)],
+    [
+        ("euclidean", 20, 6, 0.3),
+        ("cosine", 6, 1, 0.3),
+        ("euclidean", 2, 3, 0.0),
+        ("cosine", 1, 2, 0.3),
+    ],
 )
 def test_duplicated_features(metric, k1, k2, lam):
     """Exact copies (and, for cosine, copies scaled by powers of two) tie at distance 0 and
@@ -142,7 +146,9 @@ def test_duplicated_features(metric, k1, k2, lam):
     # exact zeros only if computed as such.
     qf, gf = qf.astype(np.float64) * np.pi, gf.astype(np.float64) * np.pi
     rng = np.random.default_rng(9)
-    for dst, src in zip(rng.choice(len(gf), 25, replace=False), rng.choice(len(gf), 25), strict=True):
+    for dst, src in zip(
+        rng.choice(len(gf), 25, replace=False), rng.choice(len(gf), 25), strict=True
+    ):
         gf[dst] = gf[src]
     gf[:5] = qf[:5]  # queries copied into the gallery, behind the query in pooled order
     gf[5:10] = gf[10:15]
@@ -155,8 +161,12 @@ def test_duplicated_features(metric, k1, k2, lam):
 
 @pytest.mark.parametrize(
     ("metric", "k1", "k2", "lam"),
-    [("euclidean", 20, 6, 0.3), ("euclidean", 10, 1, 0.5), ("cosine", 20, 6, 0.3),
-     ("cosine", 5, 2, 0.0)],
+    [
+        ("euclidean", 20, 6, 0.3),
+        ("euclidean", 10, 1, 0.5),
+        ("cosine", 20, 6, 0.3),
+        ("cosine", 5, 2, 0.0),
+    ],
 )
 def test_quantised_features_with_many_ties(metric, k1, k2, lam):
     """Coarse features make many exactly equal distances, so lists hinge on tie-breaking."""
@@ -213,3 +223,123 @@ def test_validation_errors():
         k_reciprocal_rerank(qf, gf, k1=3, k2=2, metric="l1")
     with pytest.raises(ValueError, match="same feature dimension, got 6 and 4"):
         k_reciprocal_rerank(qf, gf[:, :4], k1=3, k2=2)
+
+
+# --- Sharpened for mutation testing (issue 13): defaults, extreme k, chunked work, messages. ---
+
+
+def quantised_problem(seed, nq=6, ng=18, dim=3, levels=3):
+    """Small integer features: many exactly tied distances, pooled size above 16 (numpy's
+    default sort is then not stable)."""
+    rng = np.random.default_rng(seed)
+    qf = rng.integers(0, levels, size=(nq, dim)).astype(np.float32)
+    gf = rng.integers(0, levels, size=(ng, dim)).astype(np.float32)
+    return qf, gf
+
+
+def test_defaults_are_k1_20_k2_6_lambda_03_euclidean():
+    qf, gf, _ = market_like(15, 20)
+    ref = dense_rerank(qf, gf, 20, 6, 0.3, "euclidean")
+    out = k_reciprocal_rerank(qf, gf)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize(
+    ("k1", "k2", "lam", "metric"),
+    [
+        (23, 6, 0.3, "euclidean"),
+        (24, 3, 0.3, "euclidean"),
+        (4, 24, 0.2, "euclidean"),
+        (24, 24, 0.0, "cosine"),
+        (22, 1, 0.5, "euclidean"),
+    ],
+)
+def test_neighbourhoods_as_large_as_the_pooled_set(k1, k2, lam, metric):
+    """k1 + 1 or k2 reaching the N pooled items: whole ranking lists, still tie-broken by
+    pooled index."""
+    qf, gf = quantised_problem(16)
+    ref = dense_rerank(qf, gf, k1, k2, lam, metric)
+    out = k_reciprocal_rerank(qf, gf, k1=k1, k2=k2, lambda_value=lam, metric=metric)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize(
+    ("work", "metric", "k1", "k2", "chunk"),
+    [(1, "euclidean", 5, 3, 4), (37, "cosine", 7, 2, 5), (200, "euclidean", 4, 1, 7)],
+)
+def test_small_work_blocks_give_the_same_result(monkeypatch, work, metric, k1, k2, chunk):
+    """Every vectorised step split into many blocks (a tiny _WORK_ELEMS) and a duplicate
+    among the features: the result is still the dense one."""
+    import esreid.metrics.rerank as rerank
+
+    qf, gf = quantised_problem(17, nq=7, ng=23, dim=4, levels=4)
+    gf[3] = qf[2]
+    ref = dense_rerank(qf, gf, k1, k2, 0.3, metric)
+    monkeypatch.setattr(rerank, "_WORK_ELEMS", work)
+    out = k_reciprocal_rerank(
+        qf, gf, k1=k1, k2=k2, lambda_value=0.3, metric=metric, chunk_size=chunk
+    )
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(k1=0), "k1 must be a positive integer, got 0"),
+        (dict(k1=True), "k1 must be a positive integer, got True"),
+        (dict(k1=3.0), "k1 must be a positive integer, got 3.0"),
+        (dict(k1="3"), "k1 must be a positive integer, got '3'"),
+        (dict(k2=-1), "k2 must be a positive integer, got -1"),
+        (dict(k2=False), "k2 must be a positive integer, got False"),
+        (dict(k1=8), "k1 (=8) must not exceed the number of query + gallery items (7)"),
+        (dict(k2=8), "k2 (=8) must not exceed the number of query + gallery items (7)"),
+        (dict(lambda_value=True), "lambda_value must be a number in [0, 1], got True"),
+        (dict(lambda_value="0.5"), "lambda_value must be a number in [0, 1], got '0.5'"),
+        (dict(lambda_value=None), "lambda_value must be a number in [0, 1], got None"),
+        (dict(lambda_value=-0.1), "lambda_value must be in [0, 1], got -0.1"),
+        (dict(lambda_value=2), "lambda_value must be in [0, 1], got 2"),
+        (dict(lambda_value=1.0000001), "lambda_value must be in [0, 1], got 1.0000001"),
+        (dict(metric="l1"), "unknown metric 'l1'; expected one of euclidean, cosine"),
+        (dict(chunk_size=0), "chunk_size must be a positive integer, got 0"),
+        (dict(chunk_size=True), "chunk_size must be a positive integer, got True"),
+    ],
+)
+def test_argument_messages(kwargs, message):
+    rng = np.random.default_rng(14)
+    qf, gf = rng.normal(size=(2, 6)), rng.normal(size=(5, 6))
+    args = {"k1": 3, "k2": 2, **kwargs}
+    with pytest.raises(ValueError) as err:
+        k_reciprocal_rerank(qf, gf, **args)
+    assert str(err.value) == message
+
+
+def test_feature_messages():
+    rng = np.random.default_rng(14)
+    qf, gf = rng.normal(size=(2, 6)), rng.normal(size=(5, 6))
+    cases = [
+        ((qf, gf[:, :4]), "qf and gf must have the same feature dimension, got 6 and 4"),
+        ((qf[:0], gf), "qf and gf must both be non-empty, got 0 queries and 5 gallery items"),
+        ((qf, gf[:0]), "qf and gf must both be non-empty, got 2 queries and 0 gallery items"),
+        ((qf[0], gf), "qf must be a 2-D [num_items, feature_dim] array, got shape (6,)"),
+        ((qf, gf[0]), "gf must be a 2-D [num_items, feature_dim] array, got shape (6,)"),
+        ((np.full_like(qf, np.nan), gf), "qf contains NaN or infinite values"),
+        ((qf, np.full_like(gf, np.inf)), "gf contains NaN or infinite values"),
+    ]
+    for (q, g), message in cases:
+        with pytest.raises(ValueError) as err:
+            k_reciprocal_rerank(q, g, k1=1, k2=1)
+        assert str(err.value) == message
+
+
+def test_accepted_argument_types_and_bounds():
+    """numpy integers and floats pass, and lambda's bounds 0 and 1 are inclusive; k1 and k2 may
+    equal the pooled size."""
+    qf, gf = quantised_problem(18, nq=3, ng=5)
+    ref = dense_rerank(qf, gf, 3, 2, 0.25, "euclidean")
+    out = k_reciprocal_rerank(qf, gf, k1=np.int64(3), k2=np.int32(2), lambda_value=np.float32(0.25))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+    for lam in (0, 1, 0.0, 1.0):
+        ref = dense_rerank(qf, gf, 8, 8, float(lam), "cosine")
+        out = k_reciprocal_rerank(qf, gf, k1=8, k2=8, lambda_value=lam, metric="cosine")
+        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
