@@ -238,3 +238,377 @@ def test_batch_feature_drop_module_train_and_eval():
         BatchFeatureDrop(height_ratio=0)
     with pytest.raises(ValueError, match=r"width_ratio must be a number in \(0, 1\], got 1.5"):
         batch_feature_drop(x, width_ratio=1.5)
+
+
+# --- exact draws, boundaries, defaults and error messages (mutation testing, issue 13) -----
+
+
+def _reference_random_erase(images, prob, area, aspect, value, generator):
+    """Random Erasing as its docstring defines it, drawing in the documented order: per image
+    one selection draw; per attempt (at most 10) the area and aspect draws; for a fitting
+    rectangle its top, its left and (value None) the standard normal fill."""
+    n, c, height, width = images.shape
+    out, flags = images.clone(), torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        if torch.rand(1, generator=generator).item() >= prob:
+            continue
+        for _ in range(10):
+            u_area, u_aspect = torch.rand(2, generator=generator).tolist()
+            target = (area[0] + (area[1] - area[0]) * u_area) * height * width
+            log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+            r = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+            h, w = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+            if 1 <= h <= height and 1 <= w <= width:
+                top = int(torch.randint(height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(width - w + 1, (1,), generator=generator))
+                fill = value if value is not None else torch.randn((c, h, w), generator=generator)
+                out[i, :, top : top + h, left : left + w] = fill
+                flags[i] = True
+                break
+    return out, flags
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape"),
+    [
+        # The defaults: P = 0.5, area (0.02, 0.4), aspect (0.3, 3.33), value 0.
+        ({}, (12, 2, 16, 8)),
+        # Tall, asymmetric aspect range: a swapped h and w or a wrong log-uniform range shows.
+        ({"prob": 1.0, "area": (0.05, 0.2), "aspect": (2.0, 4.0)}, (12, 1, 30, 12)),
+        # Large areas: many attempts do not fit, so the attempt loop and its draws matter.
+        ({"prob": 0.8, "area": (0.5, 1.0), "aspect": (0.3, 3.33)}, (12, 1, 9, 7)),
+        ({"prob": 1.0, "value": None, "area": (0.1, 0.3)}, (6, 3, 10, 10)),
+        ({"prob": 0.7, "value": -2.5, "aspect": (0.4, 0.8)}, (8, 2, 12, 20)),
+    ],
+)
+def test_random_erase_equals_its_definition_draw_for_draw(kwargs, shape):
+    images = _images(*shape, seed=21)
+    g, g_ref = _gen(22), _gen(22)
+    erased, was_erased = random_erase(images, generator=g, **kwargs)
+    full = {"prob": 0.5, "area": (0.02, 0.4), "aspect": (0.3, 3.33), "value": 0.0, **kwargs}
+    expected, flags = _reference_random_erase(images, generator=g_ref, **full)
+    assert 0 < int(flags.sum())  # something is erased
+    assert was_erased.dtype == torch.bool
+    assert torch.equal(was_erased, flags)
+    assert torch.equal(erased, expected)
+    assert torch.equal(g.get_state(), g_ref.get_state())  # the same number of draws
+
+
+def test_random_erase_default_probability_and_value():
+    draws = 2000
+    images = _images(draws, 1, 6, 6)
+    erased, was_erased = random_erase(images, generator=_gen(23))
+    sigma = math.sqrt(draws * 0.25)
+    assert abs(int(was_erased.sum()) - draws * 0.5) <= 3 * sigma
+    changed = erased != images
+    assert torch.equal(changed.flatten(1).any(1), was_erased)
+    assert (erased[changed] == 0.0).all()  # filled with the default value 0
+
+
+def test_random_erase_selection_is_strict():
+    """An image is kept when its draw u >= prob: a draw equal to prob keeps it."""
+    u = torch.rand(1, generator=_gen(24)).item()
+    images = _images(1, 1, 8, 8)
+    out, flags = random_erase(images, prob=u, area=(0.1, 0.2), generator=_gen(24))
+    assert not flags.any() and torch.equal(out, images)
+    next_up = math.nextafter(u, 1.0)
+    out, flags = random_erase(images, prob=next_up, area=(0.1, 0.2), generator=_gen(24))
+    assert flags.all() and not torch.equal(out, images)
+
+
+def test_random_erase_thin_and_full_extent_rectangles():
+    # One-pixel-high rectangles (h = 1) are allowed ...
+    rows = _images(4, 1, 1, 20)
+    out, flags = random_erase(
+        rows, prob=1.0, area=(0.1, 0.2), aspect=(0.2, 0.25), generator=_gen(25)
+    )
+    assert flags.all() and (out == 0).any()
+    # ... and so are one-pixel-wide ones (w = 1).
+    cols = _images(4, 1, 20, 1)
+    out, flags = random_erase(
+        cols, prob=1.0, area=(0.1, 0.2), aspect=(4.0, 5.0), generator=_gen(25)
+    )
+    assert flags.all() and (out == 0).any()
+    # A rectangle as high as the image (h = H = 2) ...
+    low = _images(3, 1, 2, 20)
+    out, flags = random_erase(low, prob=1.0, area=(0.1, 0.1), aspect=(1.0, 1.0), generator=_gen(26))
+    assert flags.all()
+    for i in range(3):
+        assert _rectangle(out[i, 0] == 0) == (2, 2)
+    # ... or as wide as the image (w = W = 2).
+    narrow = _images(3, 1, 20, 2)
+    out, flags = random_erase(
+        narrow, prob=1.0, area=(0.1, 0.1), aspect=(1.0, 1.0), generator=_gen(26)
+    )
+    assert flags.all()
+    for i in range(3):
+        assert _rectangle(out[i, 0] == 0) == (2, 2)
+
+
+def test_random_erase_leaves_an_image_when_no_attempt_fits():
+    # h = round(sqrt(S r)) >= 6 > H = 4 on every attempt, while w (about 2) would fit.
+    images = _images(3, 1, 4, 4)
+    g = _gen(27)
+    out, flags = random_erase(images, prob=1.0, area=(0.9, 1.0), aspect=(3.0, 3.33), generator=g)
+    assert not flags.any() and torch.equal(out, images)
+    # One selection draw and ten attempts of two draws per image, nothing else.
+    g_ref = _gen(27)
+    torch.rand(3 * (1 + 10 * 2), generator=g_ref)
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_random_erase_without_a_generator():
+    torch.manual_seed(28)
+    out, flags = random_erase(_images(4, 2, 8, 8), prob=1.0)
+    assert flags.all() and (out == 0).any()
+    torch.manual_seed(28)
+    noise, flags = random_erase(_images(4, 2, 8, 8), prob=1.0, value=None)
+    assert flags.all() and (noise < 1.0).any()
+    torch.manual_seed(28)
+    again, _ = random_erase(_images(4, 2, 8, 8), prob=1.0, value=None)
+    assert torch.equal(again, noise)  # drawn from torch's global generator
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prob": 2.0}, r"^prob must be a number in \[0, 1\], got 2.0$"),
+        ({"prob": "0.5"}, r"^prob must be a number in \[0, 1\], got '0.5'$"),
+        (
+            {"area": (0.0, 0.4)},
+            r"^area must be \(min, max\) with 0 < min <= max <= 1, got \(0.0, 0.4\)$",
+        ),
+        (
+            {"area": (0.5, 0.4)},
+            r"^area must be \(min, max\) with 0 < min <= max <= 1, got \(0.5, 0.4\)$",
+        ),
+        (
+            {"area": (0.1, 1.5)},
+            r"^area must be \(min, max\) with 0 < min <= max <= 1, got \(0.1, 1.5\)$",
+        ),
+        (
+            {"aspect": (3.0, 0.3)},
+            r"^aspect must be \(min, max\) with 0 < min <= max, got \(3.0, 0.3\)$",
+        ),
+        (
+            {"aspect": (0.0, 1.0)},
+            r"^aspect must be \(min, max\) with 0 < min <= max, got \(0.0, 1.0\)$",
+        ),
+        (
+            {"images": torch.rand(2, 4, 4)},
+            r"^images must be \[N, C, H, W\], got shape \(2, 4, 4\)$",
+        ),
+    ],
+)
+def test_random_erase_error_messages_are_exact(kwargs, message):
+    args = {"images": _images(1, 1, 4, 4), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        random_erase(**args)
+
+
+def test_random_erase_accepts_the_bounds_of_its_ranges():
+    images = _images(20, 1, 10, 10)
+    for area, aspect in [
+        ((0.3, 0.3), (1.0, 1.0)),
+        ((0.5, 1.0), (0.5, 2.0)),
+        ((1.0, 1.0), (1.0, 1.0)),
+    ]:
+        out, flags = random_erase(images, prob=1.0, area=area, aspect=aspect, generator=_gen(29))
+        assert flags.any()
+    # area (1, 1) with aspect 1 is the whole image.
+    assert torch.equal(out, torch.zeros_like(images))
+
+
+def test_besm_selection_is_strict():
+    """Algorithm 1 erases when P' < P: a draw equal to P keeps the image."""
+    u = torch.rand(4, generator=_gen(30))
+    prob = float(u[1])
+    images = _images(4, 1, 4, 4)
+    _, flags = besm_erase(images, torch.rand(4, 2, 2), ratio=0.25, prob=prob, generator=_gen(30))
+    assert torch.equal(flags, u < prob)
+    assert not flags[1]
+
+
+def test_besm_erases_a_single_pixel():
+    images = _images(2, 2, 2, 3)
+    saliency = torch.tensor(
+        [[[0.1, 0.2, 0.3], [0.9, 0.4, 0.0]], [[5.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]
+    )
+    out, flags = besm_erase(images, saliency, ratio=0.2, prob=1.0)  # round(1.2) = 1 pixel
+    assert flags.all()
+    zero = out == 0
+    assert zero.sum() == 2 * 2  # one pixel of each image, in both channels
+    assert zero[0, :, 1, 0].all() and zero[1, :, 0, 0].all()
+
+
+def test_besm_ties_in_a_large_map_follow_row_major_order():
+    """64 positions: torch's default (unstable) sort would not keep equal values in order."""
+    images = _images(3, 1, 8, 8)
+    saliency = torch.zeros(3, 8, 8)
+    saliency[:, 5, 6] = 1.0
+    saliency[:, 7, 1] = 2.0
+    out, flags = besm_erase(images, saliency, ratio=20 / 64, prob=1.0)
+    expected = torch.zeros(64, dtype=torch.bool)
+    expected[:18] = True  # the 18 lowest row-major zeros after the two salient pixels
+    expected[5 * 8 + 6] = expected[7 * 8 + 1] = True
+    for i in range(3):
+        assert torch.equal((out[i, 0] == 0).flatten(), expected)
+
+
+def test_besm_single_selected_image_among_several():
+    images = _images(4, 2, 4, 4)
+    saliency = torch.rand(4, 2, 2, generator=_gen(31))
+    g = _gen(32)
+    u = torch.rand(4, generator=_gen(32))
+    prob = float(u.min()) + 1e-7  # exactly one image drawn below P
+    out, flags = besm_erase(images, saliency, ratio=0.25, prob=prob, generator=g)
+    assert int(flags.sum()) == 1
+    i = int(flags.nonzero())
+    expected = _reference_mask(saliency[i : i + 1], (4, 4), 4)[0]
+    assert torch.equal(out[i, 0] == 0, expected) and torch.equal(out[i, 1] == 0, expected)
+    assert torch.equal(out[~flags], images[~flags])
+
+
+def test_besm_default_fill_is_zero_and_value_is_used():
+    images = _images(2, 3, 4, 4)
+    saliency = torch.rand(2, 4, 4, generator=_gen(33))
+    out, _ = besm_erase(images, saliency, ratio=0.5, prob=1.0)
+    changed = out != images
+    assert int(changed.sum()) == 2 * 3 * 8 and (out[changed] == 0).all()
+    filled, _ = besm_erase(images, saliency, ratio=0.5, prob=1.0, value=7.0)
+    assert torch.equal(filled != images, changed) and (filled[changed] == 7.0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ratio": 1.5}, r"^ratio must be a number in \[0, 1\], got 1.5$"),
+        ({"ratio": "0.2"}, r"^ratio must be a number in \[0, 1\], got '0.2'$"),
+        ({"prob": -0.1}, r"^prob must be a number in \[0, 1\], got -0.1$"),
+        ({"prob": 1.01}, r"^prob must be a number in \[0, 1\], got 1.01$"),
+        (
+            {"saliency": torch.rand(3, 2, 2)},
+            r"^saliency has 3 maps but images has 2 images; N must match$",
+        ),
+        ({"saliency": torch.rand(2, 4)}, r"^saliency must be \[N, h, w\], got shape \(2, 4\)$"),
+        (
+            {"saliency": torch.rand(2, 1, 2, 2)},
+            r"^saliency must be \[N, h, w\], got shape \(2, 1, 2, 2\)$",
+        ),
+        (
+            {"images": torch.rand(2, 4, 4)},
+            r"^images must be \[N, C, H, W\], got shape \(2, 4, 4\)$",
+        ),
+        (
+            {"saliency": torch.tensor([[[0.0, float("inf")]], [[0.0, 1.0]]])},
+            r"^saliency contains NaN or infinite values$",
+        ),
+        (
+            {"saliency": torch.full((2, 2, 2), float("nan"))},
+            r"^saliency contains NaN or infinite values$",
+        ),
+    ],
+)
+def test_besm_error_messages_are_exact(kwargs, message):
+    args = {
+        "images": _images(2, 1, 4, 4),
+        "saliency": torch.rand(2, 2, 2),
+        "ratio": 0.2,
+        "prob": 0.5,
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=message):
+        besm_erase(**args)
+
+
+def _reference_drop(x, block_h, block_w, generator):
+    """Batch DropBlock by hand: the top row, then the left column, each uniform."""
+    _, _, h, w = x.shape
+    top = int(torch.randint(h - block_h + 1, (1,), generator=generator))
+    left = int(torch.randint(w - block_w + 1, (1,), generator=generator))
+    out = x.clone()
+    out[:, :, top : top + block_h, left : left + block_w] = 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ratios", "block"),
+    [
+        ((0.3, 1.0), (3, 7)),
+        ((0.5, 0.5), (5, 4)),
+        ((0.01, 0.2), (1, 1)),
+        ((1.0, 0.6), (10, 4)),
+        ((0.04, 0.01), (1, 1)),
+    ],
+)
+def test_batch_feature_drop_equals_its_definition(ratios, block):
+    x = _images(3, 2, 10, 7, seed=34)
+    for seed in range(6):
+        g, g_ref = _gen(seed), _gen(seed)
+        out = batch_feature_drop(x, *ratios, generator=g)
+        assert torch.equal(out, _reference_drop(x, *block, g_ref))
+        assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_batch_feature_drop_covers_every_column():
+    x = _images(1, 1, 4, 10)
+    lefts = set()
+    for seed in range(60):
+        zero = batch_feature_drop(x, 1.0, 0.3, generator=_gen(seed))[0, 0] == 0
+        assert _rectangle(zero) == (4, 3)
+        lefts.add(int(zero[0].nonzero()[0]))
+    assert lefts == set(range(8))
+
+
+def test_batch_feature_drop_keeps_dtype():
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        x = _images(2, 2, 6, 4).to(dtype)
+        out = batch_feature_drop(x, generator=_gen(35))
+        assert out.dtype == dtype
+        assert int((out == 0).sum()) == 2 * 2 * 2 * 4  # round(6 * 0.3) = 2 full rows
+
+
+def test_batch_feature_drop_without_a_generator():
+    x = _images(2, 1, 10, 4)
+    torch.manual_seed(36)
+    first = batch_feature_drop(x)
+    torch.manual_seed(36)
+    assert torch.equal(batch_feature_drop(x), first)
+    assert int((first == 0).sum()) == 2 * 3 * 4
+
+
+def test_batch_feature_drop_error_messages_are_exact():
+    x = _images(2, 1, 4, 4)
+    with pytest.raises(
+        ValueError, match=r"^feature_map must be \[N, C, H, W\], got shape \(1, 4, 4\)$"
+    ):
+        batch_feature_drop(x[0])
+    with pytest.raises(ValueError, match=r"^height_ratio must be a number in \(0, 1\], got 0$"):
+        batch_feature_drop(x, height_ratio=0)
+    with pytest.raises(ValueError, match=r"^height_ratio must be a number in \(0, 1\], got 1.2$"):
+        batch_feature_drop(x, height_ratio=1.2)
+    with pytest.raises(ValueError, match=r"^width_ratio must be a number in \(0, 1\], got 1.5$"):
+        batch_feature_drop(x, width_ratio=1.5)
+    with pytest.raises(ValueError, match=r"^width_ratio must be a number in \(0, 1\], got '1'$"):
+        batch_feature_drop(x, width_ratio="1")
+    with pytest.raises(ValueError, match=r"^height_ratio must be a number in \(0, 1\], got None$"):
+        batch_feature_drop(x, height_ratio=None)
+
+
+def test_batch_feature_drop_module_defaults_and_draws():
+    layer = BatchFeatureDrop()
+    assert (layer.height_ratio, layer.width_ratio, layer.generator) == (0.3, 1.0, None)
+    assert repr(layer) == "BatchFeatureDrop(height_ratio=0.3, width_ratio=1.0)"
+    x = _images(2, 2, 10, 6)
+    seeded = BatchFeatureDrop(0.2, 0.5, generator=_gen(37))
+    reference = _gen(37)
+    for _ in range(3):  # the module's own generator advances from call to call
+        assert torch.equal(seeded(x), batch_feature_drop(x, 0.2, 0.5, generator=reference))
+    torch.manual_seed(38)
+    unseeded = layer(x)
+    torch.manual_seed(38)
+    assert torch.equal(unseeded, batch_feature_drop(x))
+    with pytest.raises(ValueError, match=r"^width_ratio must be a number in \(0, 1\], got 0.0$"):
+        BatchFeatureDrop(width_ratio=0.0)
+    with pytest.raises(ValueError, match=r"^height_ratio must be a number in \(0, 1\], got 2$"):
+        BatchFeatureDrop(height_ratio=2)
