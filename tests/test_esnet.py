@@ -1,15 +1,22 @@
 """ES-Net composition: shared trunk, separate branches, which parameters each loss reaches,
 the training forward with each eraser, and one optimisation step lowering the loss."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 
 from esreid.config import EraseConfig, LossConfig, ModelConfig
 from esreid.engine.objective import TrainingObjective, branch_loss, total_loss
 from esreid.losses import weighted_regularized_triplet_loss
-from esreid.models.esnet import BranchOutput, TrainOutput, build_model
+from esreid.models.backbone import build_resnet
+from esreid.models.esnet import BranchOutput, ESNet, TrainOutput, build_model
 from esreid.models.heads import BNNeck
-from esreid.models.pooling import PPooling
+from esreid.models.non_local import NonLocal
+from esreid.models.pooling import GlobalAvgPool, GlobalMaxPool, PPooling
+from esreid.saliency.cgram import batch_cg_ram
 
 TINY = dict(backbone="resnet10", pretrained="none")
 
@@ -276,3 +283,166 @@ def test_bnneck_is_an_unshifted_batch_norm_then_a_bias_free_classifier():
     mean, var = feat.mean(0), feat.var(0, unbiased=False)
     torch.testing.assert_close(bn_feat, (feat - mean) / torch.sqrt(var + 1e-5))
     torch.testing.assert_close(logits, bn_feat @ neck.classifier.weight.t())
+
+
+# --- Branch, ESNet and build_model pinned down piece by piece --------------------------------
+
+
+def test_branch_head_resumes_after_a_named_stage_and_rejects_unknown_ones():
+    model = _model(erase="none").eval()
+    images, _ = _batch()
+    b = model.esb
+    with torch.no_grad():
+        shared = model.trunk(images)
+        full = b(shared)
+        after3 = b.stages.layer3(shared)
+        fmap3 = b.feature_map(shared, upto="layer3")
+        resumed = b.head(fmap3, after="layer3")  # layer4, pooling and BNNeck still to run
+        last = b.head(b.stages.layer4(after3), after="layer4")  # nothing left to run
+    assert torch.equal(fmap3, after3) and fmap3.shape[1] == 256  # resnet10's layer3 width
+    for got in (resumed, last):
+        for key in ("feat", "bn_feat", "logits"):
+            torch.testing.assert_close(getattr(got, key), getattr(full, key))
+    assert full.feat.shape == (8, 512) and full.logits.shape == (8, 4)
+    with pytest.raises(ValueError, match=r"^stage 'layer5' is not in this branch "
+                                         r"\(\['layer3', 'layer4'\]\)$"):
+        b.head(fmap3, after="layer5")
+
+
+def test_esnet_needs_a_branch_and_an_esb_only_model_works():
+    with pytest.raises(ValueError, match=r"^ESNet needs at least one branch$"):
+        ESNet(torch.nn.Identity(), None, None)
+    with pytest.raises(ValueError, match=r"^erase.method=besm needs an ESB$"):
+        build_model(ModelConfig(**TINY, esb=False), 4, EraseConfig(method="besm"))
+    assert list(_model(erase="none").branches()) == ["aib", "esb"]
+    model = build_model(ModelConfig(**TINY, aib=False), 4, EraseConfig(method="none"))
+    assert model.aib is None and list(model.branches()) == ["esb"]
+    images, pids = _batch()
+    out = model.forward_train(images, pids)
+    assert set(out.branches) == {"esb"} and out.info == {} and out.was_erased is None
+    model.eval()
+    with torch.no_grad():
+        expected = model.esb(model.trunk(images)).bn_feat
+        torch.testing.assert_close(model(images), expected)
+    assert model.descriptor_dim == 512
+
+
+def test_descriptor_concatenates_the_aib_then_the_esb_bnneck_features():
+    model = _model(erase="none").eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        # Make the two branches differ, so that their order in the descriptor shows.
+        model.esb.neck.bn.weight.mul_(3.0)
+        shared = model.trunk(images)
+        expected = torch.cat([model.aib(shared).bn_feat, model.esb(shared).bn_feat], dim=1)
+        torch.testing.assert_close(model(images), expected)
+
+
+def test_build_model_num_classes_bounds():
+    model = build_model(ModelConfig(**TINY), 1)
+    assert model.aib.neck.classifier.out_features == 1 == model.esb.neck.classifier.out_features
+    with pytest.raises(ValueError, match=r"^num_classes must be >= 1, got 0$"):
+        build_model(ModelConfig(**TINY), 0)
+
+
+def test_build_model_loads_the_backbone_weights_into_both_branches_and_sets_last_stride(tmp_path):
+    torch.manual_seed(0)
+    ref = build_resnet("resnet10", "none", 1)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    torch.manual_seed(1)  # a fresh init would differ from ref
+    cfg = ModelConfig(backbone="resnet10", pretrained=str(tmp_path / "w.pt"), last_stride=2)
+    model = build_model(cfg, 4)
+    assert torch.equal(model.trunk.stem[0].weight, ref.conv1.weight)
+    assert torch.equal(model.trunk.layer2[0].conv1.weight, ref.layer2[0].conv1.weight)
+    for b in (model.aib, model.esb):
+        assert torch.equal(b.stages.layer4[0].conv2.weight, ref.layer4[0].conv2.weight)
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        # layer3 ends at 1/16 of the input; layer4 halves it again with last stride 2 ...
+        assert model.esb.feature_map(model.trunk(images)).shape == (2, 512, 2, 1)
+        # ... and keeps it with the default last stride 1.
+        plain = _model(erase="none")
+        assert plain.esb.feature_map(plain.trunk(images)).shape == (2, 512, 4, 2)
+
+
+def test_ppool_options_reach_the_pooling_and_other_poolings_take_none():
+    model = _model(erase="none", ppool_init=2.0)
+    assert isinstance(model.aib.pool, GlobalAvgPool)
+    assert model.esb.pool.l.shape == () and float(model.esb.pool.l.detach()) == pytest.approx(2.0)
+    model = _model(erase="none", ppool_init=2.5, ppool_per_channel=True, aib_pool="gmp")
+    assert isinstance(model.aib.pool, GlobalMaxPool)
+    torch.testing.assert_close(model.esb.pool.l.detach(), torch.full((512,), 2.5))
+
+
+def test_a_model_config_without_the_agw_fields_builds_the_plain_resnet():
+    # build_model falls back to no non-local blocks and the usual stem (with its ReLU) for a
+    # model config that predates model.non_local and model.agw_published_quirks.
+    fields = {f.name: getattr(ModelConfig(**TINY), f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("non_local", "agw_published_quirks")}
+    model = build_model(SimpleNamespace(**fields), 4)
+    assert [type(m) for m in model.trunk.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    assert not any(isinstance(m, NonLocal) for m in model.modules())
+
+
+def _cg_ram_by_hand(trunk, branch, images, pids, layer):
+    """Eq. 5 at ``layer`` of ``branch`` with its stages called one by one (no feature_map/head)."""
+    names = [n for n, _ in branch.stages.named_children()]
+    cut = names.index(layer) + 1
+    with torch.no_grad():
+        fmap = trunk(images)
+        for n in names[:cut]:
+            fmap = getattr(branch.stages, n)(fmap)
+
+    def head(a):
+        for n in names[cut:]:
+            a = getattr(branch.stages, n)(a)
+        return branch.neck(branch.pool(a))[0]
+
+    return batch_cg_ram(head, fmap, pids)
+
+
+def test_saliency_maps_explain_the_configured_layer():
+    images, pids = _batch()
+    model = build_model(ModelConfig(**TINY), 4, EraseConfig(method="besm", layer="layer3")).eval()
+    maps = model.saliency_maps(images, pids)
+    at3 = _cg_ram_by_hand(model.trunk, model.esb, images, pids, "layer3")
+    at4 = _cg_ram_by_hand(model.trunk, model.esb, images, pids, "layer4")
+    assert not torch.allclose(at3, at4, atol=1e-6)  # the layer matters
+    torch.testing.assert_close(maps, at3)
+    # Another branch on request; the trunk's output when the caller gives it (not recomputed
+    # from the images, here zeros).
+    torch.testing.assert_close(model.saliency_maps(images, pids, "aib"),
+                               _cg_ram_by_hand(model.trunk, model.aib, images, pids, "layer3"))
+    with torch.no_grad():
+        shared = model.trunk(images)
+    torch.testing.assert_close(model.saliency_maps(torch.zeros_like(images), pids, shared=shared),
+                               at3)
+
+
+def test_saliency_maps_fall_back_to_the_last_stage_of_a_branch_without_the_layer():
+    images, pids = _batch()
+    cfg = ModelConfig(**TINY, split="layer4")
+    model = build_model(cfg, 4, EraseConfig(method="besm", layer="layer3")).eval()
+    torch.testing.assert_close(model.saliency_maps(images, pids),
+                               _cg_ram_by_hand(model.trunk, model.esb, images, pids, "layer4"))
+
+
+def test_forward_train_records_the_erasure_and_draws_from_the_generator():
+    cfg = ModelConfig(**TINY)
+    model = build_model(cfg, 4, EraseConfig(method="besm", ratio=0.2, prob=0.5)).eval()
+    images, pids = _batch()
+    runs = []
+    for global_seed in (0, 1):  # the global RNG must not matter, only the generator
+        torch.manual_seed(global_seed)
+        runs.append(model.forward_train(images, pids, torch.Generator().manual_seed(4)))
+    a, b = runs
+    assert torch.equal(a.was_erased, b.was_erased) and torch.equal(a.erased_images, b.erased_images)
+    frac = float(a.was_erased.float().mean())
+    assert 0 < frac < 1 and a.info == {"erased_frac": frac}
+    # The saliency maps that drove the erasing (CG-RAM of the ESB at layer4, clean images).
+    torch.testing.assert_close(a.saliency, _cg_ram_by_hand(model.trunk, model.esb, images, pids,
+                                                           "layer4"))
+    with torch.no_grad():
+        torch.testing.assert_close(a.branches["aib"].bn_feat, model.aib(model.trunk(images)).bn_feat)
+        torch.testing.assert_close(a.branches["esb"].bn_feat,
+                                   model.esb(model.trunk(a.erased_images)).bn_feat)
