@@ -406,3 +406,166 @@ def test_weighted_triplet_errors() -> None:
         ValueError, match=r"pids: expected a 1-D tensor of 3 labels, got shape \(2,\)"
     ):
         WeightedRegularizedTripletLoss()(torch.randn(3, 2), torch.tensor([0, 1]))
+
+
+# --- Defaults, module forms, precision and exact error messages ----------------------------
+
+
+def test_label_smoothing_defaults_to_0_1_and_the_module_uses_its_epsilon() -> None:
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(4, 6, generator=gen, dtype=torch.float64) * 2
+    targets = torch.tensor([5, 0, 2, 2])
+    hand = {eps: _hand_smoothed_ce(logits, targets, eps) for eps in (0.0, 0.1, 0.4)}
+    assert hand[0.1] != pytest.approx(hand[0.0], rel=1e-3)  # the smoothing shows
+    assert cross_entropy_label_smooth(logits, targets).item() == pytest.approx(hand[0.1], rel=1e-10)
+    default = CrossEntropyLabelSmooth()
+    assert default.epsilon == 0.1 and repr(default) == "CrossEntropyLabelSmooth(epsilon=0.1)"
+    assert default(logits, targets).item() == pytest.approx(hand[0.1], rel=1e-10)
+    for eps in (0.0, 0.4):
+        assert CrossEntropyLabelSmooth(eps)(logits, targets).item() == pytest.approx(
+            hand[eps], rel=1e-10
+        )
+    with pytest.raises(
+        ValueError, match=r"^CrossEntropyLabelSmooth: epsilon must be in \[0, 1\), got 1.0$"
+    ):
+        CrossEntropyLabelSmooth(1.0)
+
+
+def test_label_smoothing_one_sample_and_half_precision_logits() -> None:
+    logits = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([2])
+    got = cross_entropy_label_smooth(logits, targets, 0.2).item()
+    assert got == pytest.approx(_hand_smoothed_ce(logits, targets, 0.2), rel=1e-12)
+    # Half-precision logits (outside autocast too) are promoted: float32 result, the same
+    # value as from the same logits in float32.
+    half = torch.tensor([[1.5, -0.25, 3.0], [0.5, 0.75, -1.0]], dtype=torch.bfloat16)
+    t = torch.tensor([0, 2])
+    out = cross_entropy_label_smooth(half, t)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, cross_entropy_label_smooth(half.float(), t))
+
+
+def test_label_smoothing_error_messages_exactly() -> None:
+    logits = torch.zeros(2, 3)
+    cases = [
+        ((torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)),
+         r"cross_entropy_label_smooth: empty batch \(N = 0\)"),
+        ((logits, torch.tensor([-1, 1])),
+         r"cross_entropy_label_smooth: targets must lie in \[0, 2\] for 3 classes, "
+         r"got values in \[-1, 1\]"),
+        ((logits, torch.tensor([0, 3])),
+         r"cross_entropy_label_smooth: targets must lie in \[0, 2\] for 3 classes, "
+         r"got values in \[0, 3\]"),
+        ((logits, torch.tensor([0, 1, 2])),
+         r"cross_entropy_label_smooth: targets: expected a 1-D tensor of 2 labels, "
+         r"got shape \(3,\)"),
+        ((logits, torch.tensor([[0], [1]])),
+         r"cross_entropy_label_smooth: targets: expected a 1-D tensor of 2 labels, "
+         r"got shape \(2, 1\)"),
+        ((logits, torch.tensor([True, False])),
+         r"cross_entropy_label_smooth: targets: labels must be an integer tensor, "
+         r"got dtype torch.bool"),
+        ((logits, torch.tensor([0.0, 1.0])),
+         r"cross_entropy_label_smooth: targets: labels must be an integer tensor, "
+         r"got dtype torch.float32"),
+        ((torch.zeros(6), torch.tensor([0, 1])),
+         r"cross_entropy_label_smooth: logits must be \[N, C\], got shape \(6,\)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            cross_entropy_label_smooth(*args)
+    for eps in (1.0, -0.1):
+        with pytest.raises(
+            ValueError, match=rf"^cross_entropy_label_smooth: epsilon must be in \[0, 1\), got {eps}$"
+        ):
+            cross_entropy_label_smooth(logits, torch.tensor([0, 1]), epsilon=eps)
+
+
+def test_pairwise_euclidean_promotes_half_precision_and_names_itself() -> None:
+    gen = torch.Generator().manual_seed(10)
+    x = (torch.randn(5, 3, generator=gen) * 4).to(torch.bfloat16)
+    got = pairwise_euclidean(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, pairwise_euclidean(x.float()))
+    with pytest.raises(ValueError, match=r"^pairwise_euclidean: x must be \[N, D\], got shape \(3,\)$"):
+        pairwise_euclidean(torch.zeros(3))
+
+
+def test_hard_mining_error_messages_exactly() -> None:
+    with pytest.raises(ValueError, match=r"^hard_mining: dist must be square \[N, N\], got shape \(2, 3\)$"):
+        hard_mining(torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^hard_mining: dist must be square \[N, N\], got shape \(2,\)$"):
+        hard_mining(torch.zeros(2), torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError, match=r"^hard_mining: pids: expected a 1-D tensor of 2 labels, got shape \(3,\)$"
+    ):
+        hard_mining(torch.zeros(2, 2), torch.tensor([0, 1, 1]))
+
+
+def test_triplet_defaults_to_margin_0_3() -> None:
+    gen = torch.Generator().manual_seed(11)
+    feats = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    pids = [0, 0, 1, 1, 2, 2, 3, 3]
+    expected = _brute_triplet(feats, pids, 0.3)
+    assert expected != pytest.approx(_brute_triplet(feats, pids, 1.3), rel=1e-3)
+    assert batch_hard_triplet_loss(feats, torch.tensor(pids)).item() == pytest.approx(expected, rel=1e-9)
+    module = TripletLoss()
+    assert module.margin == 0.3 and repr(module) == "TripletLoss(margin=0.3)"
+    assert module(feats, torch.tensor(pids)).item() == pytest.approx(expected, rel=1e-9)
+    assert repr(TripletLoss(None)) == "TripletLoss(margin=None)"
+
+
+def test_triplet_error_messages_exactly() -> None:
+    with pytest.raises(
+        ValueError, match=r"^batch_hard_triplet_loss: margin must be >= 0 or None, got -0.5$"
+    ):
+        batch_hard_triplet_loss(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), margin=-0.5)
+    with pytest.raises(ValueError, match=r"^TripletLoss: margin must be >= 0 or None, got -1$"):
+        TripletLoss(margin=-1)
+    with pytest.raises(
+        ValueError,
+        match=r"^batch_hard_triplet_loss: pids: expected a 1-D tensor of 3 labels, got shape \(2,\)$",
+    ):
+        batch_hard_triplet_loss(torch.randn(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError,
+        match=r"^batch_hard_triplet_loss: features must be \[N, D\], got shape \(2, 2, 2\)$",
+    ):
+        batch_hard_triplet_loss(torch.randn(2, 2, 2), torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError,
+        match=r"^batch_hard_triplet_loss: no anchor has both a positive \(another sample of its "
+        r"identity\) and a negative in the batch; pids = \[0, 1, 2\]$",
+    ):
+        batch_hard_triplet_loss(torch.randn(3, 2), torch.tensor([0, 1, 2]))
+
+
+def test_weighted_triplet_module_defaults_to_the_formula_and_error_messages_exactly() -> None:
+    gen = torch.Generator().manual_seed(12)
+    feats = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    pids = [0, 0, 1, 1, 2, 2]
+    formula = _wrt_reference(feats, pids, published=False)
+    published = _wrt_reference(feats, pids, published=True)
+    assert abs(float(formula - published)) > 1e-9  # the two forms differ visibly here
+    module = WeightedRegularizedTripletLoss()
+    assert module.published_quirks is False
+    assert repr(module) == "WeightedRegularizedTripletLoss(published_quirks=False)"
+    torch.testing.assert_close(module(feats, torch.tensor(pids)), formula, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(weighted_regularized_triplet_loss(feats, torch.tensor(pids)),
+                               formula, rtol=1e-12, atol=0.0)
+    truthy = WeightedRegularizedTripletLoss(published_quirks=1)
+    assert truthy.published_quirks is True
+    torch.testing.assert_close(truthy(feats, torch.tensor(pids)), published, rtol=1e-12, atol=0.0)
+    name = "weighted_regularized_triplet_loss"
+    with pytest.raises(ValueError, match=rf"^{name}: features must be \[N, D\], got shape \(3,\)$"):
+        weighted_regularized_triplet_loss(torch.randn(3), torch.tensor([0, 1, 1]))
+    with pytest.raises(
+        ValueError, match=rf"^{name}: pids: expected a 1-D tensor of 3 labels, got shape \(2,\)$"
+    ):
+        weighted_regularized_triplet_loss(torch.randn(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: no anchor has a negative \(a sample of another identity\) in the batch; "
+        r"pids = \[4, 4, 4\]$",
+    ):
+        weighted_regularized_triplet_loss(torch.randn(3, 2), torch.tensor([4, 4, 4]))
