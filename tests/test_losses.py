@@ -569,3 +569,19 @@ def test_weighted_triplet_module_defaults_to_the_formula_and_error_messages_exac
         r"pids = \[4, 4, 4\]$",
     ):
         weighted_regularized_triplet_loss(torch.randn(3, 2), torch.tensor([4, 4, 4]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hard_mining_and_the_triplet_losses_on_cuda() -> None:
+    # Every mask hard_mining builds must live on the distances' device.
+    gen = torch.Generator().manual_seed(13)
+    feats = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    dist = pairwise_euclidean(feats)
+    want_ap, want_an = hard_mining(dist, pids)
+    got_ap, got_an = hard_mining(dist.cuda(), pids.cuda())
+    assert got_ap.is_cuda and got_an.is_cuda
+    torch.testing.assert_close(got_ap.cpu(), want_ap)
+    torch.testing.assert_close(got_an.cpu(), want_an)
+    for loss in (batch_hard_triplet_loss, weighted_regularized_triplet_loss):
+        torch.testing.assert_close(loss(feats.cuda(), pids.cuda()).cpu(), loss(feats, pids))
