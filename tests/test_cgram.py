@@ -688,3 +688,27 @@ def test_upsample_saliency_dtypes_and_default_normalisation():
     torch.testing.assert_close(up, torch.tensor([[[0.0, 0.25, 0.75, 1.0]] * 2]))
     raw_ints = upsample_saliency(ints, (1, 2), normalize=False)
     assert raw_ints.dtype == torch.float32 and raw_ints.tolist() == [[[3.0, 7.0]]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_saliency_on_cuda_with_labels_on_the_cpu():
+    """Feature maps and heads on the GPU, labels on the CPU: the labels follow the
+    descriptors, and every map (also the all-zero one) is on the feature map's device."""
+    a_cpu = torch.rand(5, 4, 3, 2, generator=_gen(40), dtype=torch.float64)
+    a = a_cpu.cuda()
+    pids = torch.tensor([0, 0, 0, 1, 1])
+    maps = batch_cg_ram(_linear_head().cuda(), a, pids)
+    assert maps.device == a.device
+    torch.testing.assert_close(maps.cpu(), batch_cg_ram(_linear_head(), a_cpu, pids))
+    zero = batch_cg_ram(_linear_head().cuda(), a, torch.tensor([0, 1, 2, 3, 4]))
+    assert zero.device == a.device and zero.dtype == torch.float64 and not zero.any()
+    features = torch.rand(5, 3, generator=_gen(41))
+    partner = easiest_positive(features.cuda(), pids)
+    assert partner.device == a.device
+    assert partner.tolist() == easiest_positive(features, pids).tolist()
+    targets = torch.tensor([4, 0, 2, 1, 3])
+    cam = grad_cam_batch(_linear_head(seed=10, d=5).cuda(), a, targets)
+    assert cam.device == a.device
+    torch.testing.assert_close(
+        cam.cpu(), grad_cam_batch(_linear_head(seed=10, d=5), a_cpu, targets)
+    )

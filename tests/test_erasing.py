@@ -612,3 +612,30 @@ def test_batch_feature_drop_module_defaults_and_draws():
         BatchFeatureDrop(width_ratio=0.0)
     with pytest.raises(ValueError, match=r"^height_ratio must be a number in \(0, 1\], got 2$"):
         BatchFeatureDrop(height_ratio=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_draws_follow_the_generator_and_results_the_data():
+    """Random numbers are drawn on the generator's device, results are on the data's device:
+    CPU data with a CUDA generator, and CUDA data with a CPU generator."""
+    images = _images(6, 2, 8, 8)
+    saliency = torch.rand(6, 4, 4, generator=_gen(50))
+    cuda_g = torch.Generator(device="cuda").manual_seed(0)
+    erased, flags = besm_erase(images, saliency, 0.25, 0.5, generator=cuda_g)
+    assert erased.device == flags.device == images.device
+    erased, flags = random_erase(images, prob=1.0, value=None, generator=cuda_g)
+    assert erased.device == flags.device == images.device and flags.all()
+    assert batch_feature_drop(images, generator=cuda_g).device == images.device
+
+    gpu = images.cuda()
+    erased, flags = besm_erase(gpu, saliency, 0.25, 0.5, generator=_gen(51))
+    cpu_erased, cpu_flags = besm_erase(images, saliency, 0.25, 0.5, generator=_gen(51))
+    assert erased.device == flags.device == gpu.device
+    assert torch.equal(erased.cpu(), cpu_erased) and torch.equal(flags.cpu(), cpu_flags)
+    erased, flags = random_erase(gpu, prob=0.5, value=None, generator=_gen(52))
+    cpu_erased, cpu_flags = random_erase(images, prob=0.5, value=None, generator=_gen(52))
+    assert erased.device == flags.device == gpu.device
+    assert torch.equal(erased.cpu(), cpu_erased) and torch.equal(flags.cpu(), cpu_flags)
+    dropped = batch_feature_drop(gpu, generator=_gen(53))
+    assert dropped.device == gpu.device
+    assert torch.equal(dropped.cpu(), batch_feature_drop(images, generator=_gen(53)))
