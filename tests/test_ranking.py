@@ -494,3 +494,13 @@ def test_market_gallery_groups_splits_and_valid_mask():
     # Junk queries: nothing is positive, nothing extra is removed.
     pos, same = index.split(-1, 0)
     assert pos.size == 0 and same.size == 0
+
+
+def test_tie_of_two_puts_the_lower_gallery_index_first():
+    # The positive g2 ties with the negative g0 only (a tie of exactly two): g0 comes first.
+    distmat = np.array([[0.5, 0.1, 0.5, 0.9], [0.5, 0.1, 0.5, 0.9]])
+    res = evaluate_rank(distmat, [1, 2], [2, 3, 1, 1], [0, 0], [1, 1, 1, 1], max_rank=4)
+    # query 0: g1, g0, g2 (pos, rank 3), g3 (pos, rank 4); query 1 (pid 2): g1, g0 (pos, rank 2).
+    np.testing.assert_array_equal(res.cmc, [0.0, 0.5, 1.0, 1.0])
+    assert res.mAP == pytest.approx(((1 / 3 + 2 / 4) / 2 + 1 / 2) / 2)
+    assert res.mINP == pytest.approx((2 / 4 + 1 / 2) / 2)

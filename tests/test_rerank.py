@@ -343,3 +343,18 @@ def test_accepted_argument_types_and_bounds():
         ref = dense_rerank(qf, gf, 8, 8, float(lam), "cosine")
         out = k_reciprocal_rerank(qf, gf, k1=8, k2=8, lambda_value=lam, metric="cosine")
         np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_small_distances_are_still_scaled_by_the_row_maximum(metric):
+    """Features close together (every squared distance below 1) are divided by their row's
+    largest distance all the same."""
+    qf, gf, _ = market_like(19, 12)
+    qf, gf = qf * 0.01, gf * 0.01
+    if metric == "cosine":  # keep the directions close: all cosine distances small too
+        qf, gf = qf + 1.0, gf + 1.0
+    ref = dense_rerank(qf, gf, 6, 3, 0.3, metric)
+    out = k_reciprocal_rerank(qf, gf, k1=6, k2=3, lambda_value=0.3, metric=metric)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
+    base = k_reciprocal_rerank(qf, gf, k1=6, k2=3, lambda_value=1.0, metric=metric)
+    assert np.isclose(base.max(), 1.0, atol=1e-6)
