@@ -358,3 +358,16 @@ def test_small_distances_are_still_scaled_by_the_row_maximum(metric):
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
     base = k_reciprocal_rerank(qf, gf, k1=6, k2=3, lambda_value=1.0, metric=metric)
     assert np.isclose(base.max(), 1.0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_features_give_the_cpu_result():
+    """Queries on the GPU (gallery as numpy): every index and distance block follows the
+    features' device, and the result is the CPU one."""
+    qf, gf, _ = market_like(20, 30)
+    ref = k_reciprocal_rerank(qf, gf, k1=8, k2=3, lambda_value=0.3, chunk_size=16)
+    out = k_reciprocal_rerank(
+        torch.from_numpy(qf).cuda(), gf, k1=8, k2=3, lambda_value=0.3, chunk_size=16
+    )
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
