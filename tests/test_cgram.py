@@ -712,3 +712,26 @@ def test_batch_saliency_on_cuda_with_labels_on_the_cpu():
     torch.testing.assert_close(
         cam.cpu(), grad_cam_batch(_linear_head(seed=10, d=5), a_cpu, targets)
     )
+
+
+def test_batch_cg_ram_and_grad_cam_switch_autocast_off_in_float32():
+    """Float32 maps equal a float32 autograd reference to float32 precision: the head is
+    not run under (CPU, bf16) autocast, which would change them at the 1e-3 level."""
+    torch.manual_seed(2)
+    head = nn.Sequential(nn.Conv2d(6, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    a = torch.rand(4, 6, 3, 3, generator=_gen(17))
+    pids = torch.tensor([0, 0, 1, 1])
+    maps = batch_cg_ram(head, a, pids)
+    cam = grad_cam_batch(head, a, pids)
+    leaf = a.clone().requires_grad_()
+    f = head(leaf)
+    s = cosine_score(f, f[[1, 0, 3, 2]])
+    (grad,) = torch.autograd.grad((torch.exp(s.detach()) * s).sum(), leaf)
+    expected = torch.relu((grad * a).sum(1))
+    log_p = torch.log_softmax(head(leaf), dim=1)[torch.arange(4), pids].sum()
+    (cam_grad,) = torch.autograd.grad(log_p, leaf)
+    expected_cam = torch.relu((cam_grad.mean((2, 3), keepdim=True) * a).sum(1))
+    assert maps.dtype == cam.dtype == torch.float32
+    assert (expected > 0).any() and (expected_cam > 0).any()
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cam, expected_cam, rtol=1e-5, atol=1e-6)
