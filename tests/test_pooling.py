@@ -196,7 +196,9 @@ def test_build_pooling():
     gem = build_pooling("gem", init_p=4.0)
     assert isinstance(gem, GeM) and gem.p.item() == 4.0
     assert build_pooling("gem").p.item() == 3.0
-    with pytest.raises(ValueError, match="unknown pooling 'avg'; valid names: gap, gem, gmp, ppool"):
+    with pytest.raises(
+        ValueError, match="unknown pooling 'avg'; valid names: gap, gem, gmp, ppool"
+    ):
         build_pooling("avg")
     with pytest.raises(ValueError, match=r"pooling 'gap' takes no options, got \['init_l'\]"):
         build_pooling("gap", init_l=3.0)
@@ -354,3 +356,284 @@ def test_gem_half_input_and_autocast_compute_in_float32():
 def test_gem_rejects_bad_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+# --- mutation-testing additions (issue 13): exact values, defaults and messages ----------
+
+
+def _eq6_reference(x: torch.Tensor, exponent, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 6 in float64 with explicit powers: F^k = sum a^l / sum a^(l-1), a = max(x, eps)."""
+    a = x.double().clamp_min(eps).flatten(2)
+    l_t = torch.as_tensor(exponent, dtype=torch.float64)
+    if l_t.dim() == 1:
+        l_t = l_t.view(1, -1, 1)
+    return (a**l_t).sum(-1) / (a ** (l_t - 1.0)).sum(-1)
+
+
+@pytest.mark.parametrize("exponent", [1.5, 3.7, 7.3])
+def test_p_pool_matches_eq6_float64(exponent):
+    # A Python-float exponent is used in full float64 precision with a float64 map (3.7 and
+    # 7.3 are not float32 numbers), and exact zeros count as eps.
+    x = _post_relu(20, shape=(2, 3, 4, 5), dtype=torch.float64) * 3.0
+    out = p_pool(x, exponent)
+    assert out.shape == (2, 3) and out.dtype == torch.float64
+    torch.testing.assert_close(out, _eq6_reference(x, exponent), rtol=1e-12, atol=0.0)
+
+
+def test_p_pool_per_channel_exponent_matches_eq6_float64():
+    x = _post_relu(21, shape=(2, 3, 4, 5), dtype=torch.float64) * 3.0
+    exponent = torch.tensor([1.5, 3.7, 7.3], dtype=torch.float64)
+    out = p_pool(x, exponent)
+    torch.testing.assert_close(out, _eq6_reference(x, exponent), rtol=1e-12, atol=0.0)
+    for k in range(3):
+        torch.testing.assert_close(out[:, k], p_pool(x[:, k : k + 1], float(exponent[k]))[:, 0])
+
+
+def test_p_pool_eps_is_the_clamp_floor():
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 1, 0, 0] = 1.0
+    # Channel 0: all eps, so F = eps. Channel 1 at l = 2: (1 + 3 eps^2) / (1 + 3 eps).
+    eps = 0.25
+    expected = torch.tensor([[eps, (1 + 3 * eps**2) / (1 + 3 * eps)]])
+    torch.testing.assert_close(p_pool(x, 2.0, eps=eps), expected, rtol=1e-6, atol=0.0)
+    # The default floor is 1e-6.
+    torch.testing.assert_close(p_pool(torch.zeros(1, 1, 2, 2), 2.0), torch.tensor([[1e-6]]))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: p_pool(torch.ones(1, 1, 2, 2), 2.0, eps=0.0), r"^eps must be > 0, got 0\.0$"),
+        (lambda: p_pool(torch.ones(1, 1, 2, 2), 2.0, eps=-1.0), r"^eps must be > 0, got -1\.0$"),
+        (
+            lambda: p_pool(torch.ones(1, 3, 4, 5), torch.full((2,), 2.0)),
+            r"^per-channel exponent has 2 entries but the input has 3 channels$",
+        ),
+        (
+            lambda: p_pool(torch.ones(1, 3, 4, 5), torch.full((1, 3), 2.0)),
+            r"^exponent must be a scalar or a \[C\] tensor, got shape \(1, 3\)$",
+        ),
+        (
+            lambda: p_pool(torch.ones(2, 3), 2.0),
+            r"^pooling input must be a feature map \[N, C, H, W\], got shape \(2, 3\)$",
+        ),
+    ],
+    ids=["eps-zero", "eps-negative", "channel-count", "exponent-2d", "input-2d"],
+)
+def test_p_pool_rejects_bad_arguments_with_exact_messages(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [GlobalAvgPool(), GlobalMaxPool(), PPooling(), GeM()],
+    ids=["gap", "gmp", "ppool", "gem"],
+)
+def test_every_pooling_rejects_3d_and_5d_input_with_the_exact_message(pool):
+    with pytest.raises(
+        ValueError,
+        match=r"^pooling input must be a feature map \[N, C, H, W\], got shape \(2, 3, 4\)$",
+    ):
+        pool(torch.ones(2, 3, 4))
+    with pytest.raises(
+        ValueError,
+        match=r"^pooling input must be a feature map \[N, C, H, W\], got shape \(1, 2, 3, 4, 5\)$",
+    ):
+        pool(torch.ones(1, 2, 3, 4, 5))
+
+
+def test_ppooling_defaults_are_l_3_shared_and_eps_1e_6():
+    pool = PPooling()
+    assert pool.l.shape == ()
+    assert pool.l.item() == pytest.approx(3.0, rel=1e-6)
+    assert pool.max_l is None and pool.num_channels is None and pool.eps == 1e-6
+    x = _post_relu(22) * 2.0
+    torch.testing.assert_close(pool(x), _eq6_reference(x, 3.0).float(), rtol=1e-5, atol=0.0)
+    # All-zero channel: every entry is clamped to the default eps.
+    torch.testing.assert_close(pool(torch.zeros(1, 2, 2, 2)), torch.full((1, 2), 1e-6))
+
+
+def test_ppooling_passes_its_eps_to_the_pooling():
+    pool = PPooling(init_l=2.0, eps=0.25)
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 1, 0, 0] = 1.0
+    expected = torch.tensor([[0.25, (1 + 3 * 0.25**2) / (1 + 3 * 0.25)]])
+    torch.testing.assert_close(pool(x), expected, rtol=1e-5, atol=0.0)
+
+
+def test_ppooling_accepts_a_single_channel():
+    pool = PPooling(init_l=2.0, num_channels=1)
+    assert pool.l.shape == (1,)
+    x = _post_relu(23, shape=(2, 1, 3, 3)) + 0.1
+    torch.testing.assert_close(pool(x), _eq6_reference(x, 2.0).float(), rtol=1e-5, atol=0.0)
+
+
+def test_ppooling_bounded_l_values():
+    # l = 1 + (max_l - 1) sigmoid(raw): init 3 of max 5 is raw = 0; raising raw by log 3
+    # gives sigmoid = 3/4, so l = 4.
+    pool = PPooling(init_l=3.0, max_l=5.0)
+    assert pool.max_l == 5.0
+    assert abs(pool.raw_l.item()) < 1e-6
+    with torch.no_grad():
+        pool.raw_l.add_(math.log(3.0))
+    assert pool.l.item() == pytest.approx(4.0, rel=1e-6)
+    assert PPooling(init_l=9.0, max_l=10.0).l.item() == pytest.approx(9.0, rel=1e-6)
+
+
+def test_ppooling_exponent_is_kept_out_of_weight_decay():
+    pool = PPooling(num_channels=2)
+    assert pool.no_weight_decay() == {"raw_l"}
+    assert {name for name, _ in pool.named_parameters()} == {"raw_l"}
+
+
+def test_pooling_reprs():
+    assert repr(PPooling()) == "PPooling(l=shared, eps=1e-06, max_l=None)"
+    assert (
+        repr(PPooling(num_channels=3, eps=0.5, max_l=5))
+        == "PPooling(l=per-channel(3), eps=0.5, max_l=5.0)"
+    )
+    assert repr(GeM()) == "GeM(p=3.0000, eps=1e-06, decay_p=False)"
+    assert repr(GeM(init_p=2.5, eps=0.5, decay_p=True)) == "GeM(p=2.5000, eps=0.5, decay_p=True)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"init_l": 1.0},
+            r"^init_l must be a finite number > 1 \(l = 1 is GAP, the limit of the "
+            r"parametrisation; use GlobalAvgPool\), got 1\.0$",
+        ),
+        ({"init_l": float("inf")}, r"^init_l must be a finite number > 1 .*, got inf$"),
+        ({"init_l": float("nan")}, r"^init_l must be a finite number > 1 .*, got nan$"),
+        ({"init_l": 3.0, "max_l": 3.0}, r"^max_l must be finite and > init_l = 3\.0, got 3\.0$"),
+        (
+            {"init_l": 3.0, "max_l": float("inf")},
+            r"^max_l must be finite and > init_l = 3\.0, got inf$",
+        ),
+        ({"num_channels": 0}, r"^num_channels must be a positive integer, got 0$"),
+        ({"eps": 0.0}, r"^eps must be > 0, got 0\.0$"),
+        ({"eps": -1.0}, r"^eps must be > 0, got -1\.0$"),
+    ],
+    ids=[
+        "init-l-one",
+        "init-l-inf",
+        "init-l-nan",
+        "max-l-equal",
+        "max-l-inf",
+        "channels-zero",
+        "eps-zero",
+        "eps-negative",
+    ],
+)
+def test_ppooling_rejects_bad_arguments_with_exact_messages(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PPooling(**kwargs)
+
+
+def test_ppooling_channel_mismatch_message_is_exact():
+    with pytest.raises(
+        ValueError, match=r"^PPooling was built for 3 channels, got input with 4 channels$"
+    ):
+        PPooling(num_channels=3)(torch.ones(1, 4, 5, 6))
+
+
+def test_gem_defaults_and_eps():
+    # Default eps 1e-6: an all-zero channel pools to eps; a given eps reaches the pooling.
+    torch.testing.assert_close(GeM()(torch.zeros(1, 2, 2, 2)), torch.full((1, 2), 1e-6))
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0
+    expected = torch.tensor([[((1 + 3 * 0.25**3) / 4) ** (1 / 3)]])
+    torch.testing.assert_close(GeM(eps=0.25)(x), expected, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(gem_pool(x, 3.0, eps=0.25), expected, rtol=1e-6, atol=0.0)
+    assert GeM(eps=0.25).eps == 0.25
+
+
+def test_gem_tensor_exponent_zero_is_not_checked():
+    # Documented: a tensor p is not checked (no device synchronisation); p = 0 gives a
+    # non-finite result instead of an error.
+    out = gem_pool(torch.full((1, 1, 2, 2), 2.0), torch.tensor(0.0))
+    assert not torch.isfinite(out).any()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: GeM(init_p=0.0), r"^init_p must be a finite number > 0, got 0\.0$"),
+        (lambda: GeM(init_p=-1.0), r"^init_p must be a finite number > 0, got -1\.0$"),
+        (lambda: GeM(init_p=float("inf")), r"^init_p must be a finite number > 0, got inf$"),
+        (lambda: GeM(eps=0.0), r"^eps must be > 0, got 0\.0$"),
+        (lambda: gem_pool(torch.ones(1, 1, 2, 2), 3.0, eps=0.0), r"^eps must be > 0, got 0\.0$"),
+        (lambda: gem_pool(torch.ones(1, 1, 2, 2), 3.0, eps=-1.0), r"^eps must be > 0, got -1\.0$"),
+        (
+            lambda: gem_pool(torch.ones(1, 1, 2, 2), 0.0),
+            r"^GeM exponent p must be finite and non-zero, got 0\.0$",
+        ),
+        (
+            lambda: gem_pool(torch.ones(1, 1, 2, 2), float("inf")),
+            r"^GeM exponent p must be finite and non-zero, got inf$",
+        ),
+        (
+            lambda: gem_pool(torch.ones(1, 2, 2, 2), torch.ones(2)),
+            r"^GeM exponent p must be a scalar, got shape \(2,\)$",
+        ),
+    ],
+    ids=[
+        "init-p-zero",
+        "init-p-negative",
+        "init-p-inf",
+        "eps-zero",
+        "pool-eps-zero",
+        "pool-eps-negative",
+        "p-zero",
+        "p-inf",
+        "p-vector",
+    ],
+)
+def test_gem_rejects_bad_arguments_with_exact_messages(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_build_pooling_messages_are_exact():
+    with pytest.raises(
+        ValueError, match=r"^unknown pooling 'avg'; valid names: gap, gem, gmp, ppool$"
+    ):
+        build_pooling("avg")
+    with pytest.raises(
+        ValueError, match=r"^pooling 'gmp' takes no options, got \['eps', 'init_l'\]$"
+    ):
+        build_pooling("gmp", init_l=3.0, eps=0.1)
+    assert isinstance(build_pooling("ppool"), PPooling)
+    assert build_pooling("gem", eps=0.5).eps == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_p_pool_moves_a_cpu_per_channel_exponent_to_the_input_device():
+    x = _post_relu(24) + 0.1
+    exponent = torch.tensor([1.5, 3.7, 7.3])  # on the CPU
+    out = p_pool(x.cuda(), exponent)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), p_pool(x, exponent), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("p", [0.5, 3.7, 7.3])
+def test_gem_python_float_exponent_is_used_in_float64(p):
+    # 3.7 and 7.3 are not float32 numbers: a float64 map pools with the exponent as given.
+    x = _post_relu(25, dtype=torch.float64) * 3.0
+    value, _, _ = _gem_reference(x, p)
+    out = gem_pool(x, p)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, value, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("pool_fn", [gem_pool, p_pool])
+def test_half_input_is_pooled_in_float32_then_rounded_once(pool_fn):
+    # Computing in float32 and rounding the result to float16 once gives exactly the float32
+    # result rounded; computing in float16 would drift by several half-precision steps.
+    x = (_post_relu(26, shape=(4, 8, 5, 5)) * 4.0).half()
+    for exponent in (3.0, 11.0):
+        out = pool_fn(x, exponent)
+        assert out.dtype == torch.float16
+        assert torch.equal(out, pool_fn(x.float(), exponent).half())
