@@ -504,3 +504,33 @@ def test_tie_of_two_puts_the_lower_gallery_index_first():
     np.testing.assert_array_equal(res.cmc, [0.0, 0.5, 1.0, 1.0])
     assert res.mAP == pytest.approx(((1 / 3 + 2 / 4) / 2 + 1 / 2) / 2)
     assert res.mINP == pytest.approx((2 / 4 + 1 / 2) / 2)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 256])
+def test_more_queries_than_gallery_items(chunk_size):
+    # Five queries, two gallery items: every query row is ranked, in blocks of chunk_size rows.
+    distmat = np.array([[0.1, 0.2], [0.2, 0.1], [0.3, 0.4], [0.4, 0.3], [0.5, 0.6]])
+    res = evaluate_rank(
+        distmat, [1, 1, 2, 2, 1], [1, 2], [0] * 5, [1, 1], max_rank=2, chunk_size=chunk_size
+    )
+    # First hits: q0 rank 1, q1 rank 2, q2 rank 2, q3 rank 1, q4 rank 1.
+    np.testing.assert_array_equal(res.cmc, [3 / 5, 1.0])
+    assert (res.num_valid, res.num_skipped) == (5, 0)
+    assert res.mAP == pytest.approx((1 + 1 / 2 + 1 / 2 + 1 + 1) / 5)
+    qf = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    gf = np.array([[0.0], [4.5]])
+    res = evaluate_features(
+        qf, gf, [1, 1, 2, 2, 2], [1, 2], [0] * 5, [1, 1], max_rank=2, chunk_size=chunk_size
+    )
+    # q0, q1 nearest g0 (pid 1): rank 1; q2 nearest g0: rank 2; q3, q4 nearest g1: rank 1.
+    np.testing.assert_array_equal(res.cmc, [4 / 5, 1.0])
+
+
+def test_evaluate_features_no_valid_query_message():
+    qf, gf = np.zeros((3, 2)), np.ones((4, 2))
+    with pytest.raises(ValueError) as err:
+        evaluate_features(qf, gf, [1, 1, 5], [2, 1, 2, 1], [1, 1, 1], [1, 1, 1, 1])
+    assert str(err.value) == (
+        "no query has a valid gallery match (all 3 queries skipped); "
+        "check that query and gallery pids overlap across cameras"
+    )
