@@ -534,3 +534,31 @@ def test_evaluate_features_no_valid_query_message():
         "no query has a valid gallery match (all 3 queries skipped); "
         "check that query and gallery pids overlap across cameras"
     )
+
+
+def test_rows_are_ranked_chunk_size_queries_at_a_time(monkeypatch):
+    """The documented memory bound: blocks of at most chunk_size query rows (256 by default),
+    for a distance matrix and for features alike."""
+    import esreid.metrics.ranking as ranking
+
+    seen = []
+    add_block = ranking._Accumulator.add_block
+
+    def spy(self, block, *args):
+        seen.append(block.shape)
+        return add_block(self, block, *args)
+
+    monkeypatch.setattr(ranking._Accumulator, "add_block", spy)
+    rng = np.random.default_rng(21)
+    nq, ng = 300, 4
+    q_pids, g_pids = rng.integers(1, 3, size=nq), np.array([1, 2, 1, 2])
+    q_cams, g_cams = np.zeros(nq, dtype=int), np.ones(ng, dtype=int)
+    qf, gf = rng.normal(size=(nq, 2)), rng.normal(size=(ng, 2))
+    evaluate_rank(rng.random((nq, ng)), q_pids, g_pids, q_cams, g_cams)
+    assert seen == [(256, ng), (44, ng)]
+    seen.clear()
+    evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams)
+    assert seen == [(256, ng), (44, ng)]
+    seen.clear()
+    evaluate_features(qf[:10], gf, q_pids[:10], g_pids, q_cams[:10], g_cams, chunk_size=3)
+    assert seen == [(3, ng), (3, ng), (3, ng), (1, ng)]
