@@ -371,3 +371,31 @@ def test_cuda_features_give_the_cpu_result():
     )
     assert out.dtype == np.float32 and out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+
+
+def test_distance_blocks_hold_at_most_chunk_size_rows(monkeypatch):
+    """The documented bound: every distance block has at most chunk_size rows (256 by
+    default), and each distinct item's row is computed once for the ranking lists and once
+    more per query for the final mix."""
+    import esreid.metrics.rerank as rerank
+
+    calls = []
+    sq_distance_rows = rerank._sq_distance_rows
+
+    def spy(uniq, sq, rows):
+        calls.append(len(rows))
+        return sq_distance_rows(uniq, sq, rows)
+
+    monkeypatch.setattr(rerank, "_sq_distance_rows", spy)
+    rng = np.random.default_rng(22)
+    qf, gf = rng.normal(size=(3, 2)), rng.normal(size=(260, 2))
+    out = k_reciprocal_rerank(qf, gf, k1=2, k2=1)
+    assert calls == [256, 7, 3]
+    np.testing.assert_allclose(out, dense_rerank(qf, gf, 2, 1, 0.3, "euclidean"), atol=2e-7)
+    calls.clear()
+    qf, gf = rng.normal(size=(7, 2)), rng.normal(size=(12, 2))
+    k_reciprocal_rerank(qf, gf, k1=3, k2=2, chunk_size=5)
+    assert calls == [5, 5, 5, 4, 5, 2]
+    calls.clear()
+    k_reciprocal_rerank(qf, gf, k1=3, k2=2, lambda_value=1.0, chunk_size=5)
+    assert calls == [5, 2]
