@@ -9,6 +9,9 @@ timeout / no-tests counts and its score, killed / (all checked mutants), and lis
 survivors by name (``mutmut show NAME`` prints a survivor's diff). ``--summary-only`` skips
 the run and reads the results of the last one from ``mutants/``. ``--all`` does this for
 every file of ``only_mutate``, one after another, and ends with a table of all of them.
+``--alive-only`` re-tests only the mutants the last results do not mark killed (after adding
+tests for survivors: a test added to the suite cannot revive a killed mutant, so this gives
+the same verdicts as a complete run in a fraction of the time).
 
 Naming the module's mutants makes mutmut re-test every one of them, so the counts always
 describe the current code and tests, never a cached verdict. The first run of a session also
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true",
                         help="every file of only_mutate in pyproject.toml, then a table")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--alive-only", action="store_true",
+                        help="re-test only the mutants not killed in the last results")
     parser.add_argument("--summary-only", action="store_true",
                         help="only summarise the last run's results")
     args = parser.parse_args(argv)
@@ -117,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.summary_only:
             # One torch thread per mutant worker: --jobs workers already share the cores.
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-            done = subprocess.run([str(MUTMUT), "run", "--max-children", str(args.jobs),
-                                   module_glob(path)], cwd=ROOT, env=env)
+            names = [module_glob(path)]
+            if args.alive_only:
+                names = sorted(n for n, st in statuses(path).items() if st != "killed")
+            if not names:
+                print(f"{path}: every mutant is already killed")
+            done = subprocess.run([str(MUTMUT), "run", "--max-children", str(args.jobs), *names],
+                                  cwd=ROOT, env=env) if names else subprocess.CompletedProcess([], 0)
             if done.returncode != 0:
                 print(f"mutmut run of {path} exited with {done.returncode}", file=sys.stderr)
                 return done.returncode
