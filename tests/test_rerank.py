@@ -399,3 +399,13 @@ def test_distance_blocks_hold_at_most_chunk_size_rows(monkeypatch):
     calls.clear()
     k_reciprocal_rerank(qf, gf, k1=3, k2=2, lambda_value=1.0, chunk_size=5)
     assert calls == [5, 2]
+
+
+def test_lambda_one_fills_every_query_block():
+    qf, gf, _ = market_like(23, 12)
+    pooled = np.concatenate([qf, gf]).astype(np.float64)
+    d = ((pooled[:, None] - pooled[None]) ** 2).sum(axis=2)
+    expected = d[: len(qf), len(qf) :] / d[: len(qf)].max(axis=1, keepdims=True)
+    assert len(qf) > 3
+    out = k_reciprocal_rerank(qf, gf, k1=4, k2=2, lambda_value=1.0, chunk_size=3)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
