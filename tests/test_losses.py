@@ -585,3 +585,12 @@ def test_hard_mining_and_the_triplet_losses_on_cuda() -> None:
     torch.testing.assert_close(got_an.cpu(), want_an)
     for loss in (batch_hard_triplet_loss, weighted_regularized_triplet_loss):
         torch.testing.assert_close(loss(feats.cuda(), pids.cuda()).cpu(), loss(feats, pids))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_label_smoothing_accepts_every_integer_target_dtype(dtype) -> None:
+    """Any integer targets give the int64 result (F.cross_entropy alone refuses int32)."""
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
+    targets = torch.tensor([0, 2])
+    expected = cross_entropy_label_smooth(logits, targets, epsilon=0.2)
+    assert torch.equal(cross_entropy_label_smooth(logits, targets.to(dtype), epsilon=0.2), expected)

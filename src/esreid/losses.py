@@ -65,7 +65,8 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # PyTorch's label_smoothing mixes the one-hot target with the uniform distribution over
     # all C classes, which is exactly the Bag-of-Tricks definition (checked in the tests).
-    return F.cross_entropy(logits, targets, label_smoothing=epsilon)
+    # It takes class indices as int64 only; _check_labels admits every integer dtype.
+    return F.cross_entropy(logits, targets.long(), label_smoothing=epsilon)
 
 
 def pairwise_euclidean(x: Tensor) -> Tensor:
