@@ -625,13 +625,15 @@ def test_grad_cam_batch_error_messages_are_exact():
 def test_grad_cam_batch_accepts_the_first_and_last_class():
     head = _linear_head(seed=14, c=4, d=3)
     a = torch.rand(2, 4, 2, 2, generator=_gen(15), dtype=torch.float64)
-    targets = torch.tensor([0, 2], dtype=torch.int32)  # any integer dtype
-    maps = grad_cam_batch(head, a, targets)
     with torch.no_grad():
         prob = torch.softmax(head(a), dim=1)
-        onehot = torch.nn.functional.one_hot(targets.long(), 3).double()
+        onehot = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).double()
         alpha = ((onehot - prob) @ head[2].weight / 4.0)[:, :, None, None]
-    torch.testing.assert_close(maps, torch.relu((alpha * a).sum(1)), rtol=1e-10, atol=1e-12)
+    expected = torch.relu((alpha * a).sum(1))
+    # Any integer dtype (gather itself takes only int32 and int64 indices).
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        maps = grad_cam_batch(head, a, torch.tensor([0, 2], dtype=dtype))
+        torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_easiest_positive_error_messages_are_exact():
