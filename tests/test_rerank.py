@@ -409,3 +409,26 @@ def test_lambda_one_fills_every_query_block():
     assert len(qf) > 3
     out = k_reciprocal_rerank(qf, gf, k1=4, k2=2, lambda_value=1.0, chunk_size=3)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("work", "k2"), [(1 << 20, 6), (1, 1), (37, 3)])
+def test_every_buffer_entry_is_written(monkeypatch, work, k2):
+    """np.empty poisoned (NaN, the largest integer, True): every buffer the computation
+    allocates is filled before it is read, so the result is still the dense one."""
+    import esreid.metrics.rerank as rerank
+
+    qf, gf = quantised_problem(24, nq=5, ng=20, dim=4, levels=4)
+    gf[2] = qf[1]
+    ref = dense_rerank(qf, gf, 6, k2, 0.3, "euclidean")
+    real_empty = np.empty
+
+    def poisoned(shape, dtype=float, *args, **kwargs):
+        out = real_empty(shape, dtype, *args, **kwargs)
+        kind = out.dtype.kind
+        out.fill(np.nan if kind == "f" else np.iinfo(out.dtype).max if kind in "iu" else True)
+        return out
+
+    monkeypatch.setattr(np, "empty", poisoned)
+    monkeypatch.setattr(rerank, "_WORK_ELEMS", work)
+    out = k_reciprocal_rerank(qf, gf, k1=6, k2=k2, lambda_value=0.3, chunk_size=4)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
