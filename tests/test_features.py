@@ -133,3 +133,36 @@ def test_extract_features_skips_empty_batches_and_logs_each_unreadable_image_onc
     torch.testing.assert_close(feats, flipped.float())
     # No progress bar unless asked for (evaluation inside training logs its own lines).
     assert capsys.readouterr().err == ""
+
+
+class _SlowPixelLinear(_PixelLinear):
+    """Takes at least 20 ms per batch, so the images-per-second figure has known bounds."""
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.02)
+        return super().forward(x)
+
+
+def test_extract_features_progress_bar_names_the_split_counts_batches_and_images_per_second(
+        capsys):
+    import re
+    import time
+
+    model = _SlowPixelLinear()
+    images = torch.randn(5, 3, 4, 6)
+    loader = [(images[:2], [1, 2], [0, 1]), (images[2:4], [3, 4], [0, 1]),
+              (images[4:], [5], [0])]
+    capsys.readouterr()
+    began = time.time()
+    extract_features(model, loader, flip=False, progress=True, desc="query")
+    elapsed = time.time() - began
+    err = capsys.readouterr().err
+    # The bar is labelled with the split, counts batches of the loader, and is cleared at
+    # the end (leave=False) so the evaluation's table follows on a clean line.
+    assert "query: " in err and "/3 [" in err and re.search(r"batch/s|s/batch", err), err
+    assert err.endswith("\r") and "\n" not in err, repr(err)
+    # The last figure: 5 images over at least 3 x 20 ms, at most the whole call.
+    rate = int(re.findall(r"img_s=(\d+)", err)[-1])
+    assert 5 / elapsed - 1 <= rate <= 5 / 0.06 + 1, (rate, elapsed)
