@@ -166,3 +166,14 @@ def test_extract_features_progress_bar_names_the_split_counts_batches_and_images
     # The last figure: 5 images over at least 3 x 20 ms, at most the whole call.
     rate = int(re.findall(r"img_s=(\d+)", err)[-1])
     assert 5 / elapsed - 1 <= rate <= 5 / 0.06 + 1, (rate, elapsed)
+
+
+@pytest.mark.cuda
+def test_extract_features_moves_each_batch_to_the_model_device():
+    model = _PixelLinear()
+    images = torch.randn(4, 3, 4, 6)
+    loader = [(images[:3], [1, 2, 3], [0, 1, 0]), (images[3:], [4], [1])]
+    on_cpu, _, _ = extract_features(model, loader)
+    on_gpu, pids, _ = extract_features(model.cuda(), loader, device="cuda")
+    assert on_gpu.device.type == "cpu" and pids.tolist() == [1, 2, 3, 4]
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)
