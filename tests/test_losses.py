@@ -571,7 +571,7 @@ def test_weighted_triplet_module_defaults_to_the_formula_and_error_messages_exac
         weighted_regularized_triplet_loss(torch.randn(3, 2), torch.tensor([4, 4, 4]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_hard_mining_and_the_triplet_losses_on_cuda() -> None:
     # Every mask hard_mining builds must live on the distances' device.
     gen = torch.Generator().manual_seed(13)

@@ -609,7 +609,7 @@ def test_build_pooling_messages_are_exact():
     assert build_pooling("gem", eps=0.5).eps == 0.5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_p_pool_moves_a_cpu_per_channel_exponent_to_the_input_device():
     x = _post_relu(24) + 0.1
     exponent = torch.tensor([1.5, 3.7, 7.3])  # on the CPU
