@@ -360,7 +360,7 @@ def test_small_distances_are_still_scaled_by_the_row_maximum(metric):
     assert np.isclose(base.max(), 1.0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_features_give_the_cpu_result():
     """Queries on the GPU (gallery as numpy): every index and distance block follows the
     features' device, and the result is the CPU one."""
