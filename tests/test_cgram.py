@@ -692,7 +692,7 @@ def test_upsample_saliency_dtypes_and_default_normalisation():
     assert raw_ints.dtype == torch.float32 and raw_ints.tolist() == [[[3.0, 7.0]]]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_batch_saliency_on_cuda_with_labels_on_the_cpu():
     """Feature maps and heads on the GPU, labels on the CPU: the labels follow the
     descriptors, and every map (also the all-zero one) is on the feature map's device."""

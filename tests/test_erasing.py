@@ -614,7 +614,7 @@ def test_batch_feature_drop_module_defaults_and_draws():
         BatchFeatureDrop(height_ratio=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_draws_follow_the_generator_and_results_the_data():
     """Random numbers are drawn on the generator's device, results are on the data's device:
     CPU data with a CUDA generator, and CUDA data with a CPU generator."""
