@@ -586,7 +586,21 @@ class _SignalState(Dataset):
         return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
-def test_workers_ignore_sigint_and_sigterm_from_others(records: list[Record]) -> None:
+@pytest.fixture
+def default_signal_handlers():
+    """Python's own SIGINT / SIGTERM handling in the main process for the test, whatever the
+    suite was started under (a shell's background job inherits SIGINT ignored, and so would
+    the forked workers)."""
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+
+
+def test_workers_ignore_sigint_and_sigterm_from_others(records: list[Record],
+                                                       default_signal_handlers) -> None:
     def ignored(dataset: Dataset, **kwargs) -> bool:
         (batch,) = DataLoader(dataset, batch_size=None, num_workers=1, **kwargs)
         return bool(batch)
