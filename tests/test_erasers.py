@@ -280,3 +280,24 @@ def test_models_package_exports_resolve():
         assert getattr(models, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = models.nothing
+
+
+@pytest.mark.parametrize("method", ["besm", "gradcam"])
+def test_a_non_finite_map_is_counted_and_its_image_left_clean(method, monkeypatch):
+    model = _model(method, prob=1.0).train()
+    images, pids = _batch()
+    real_maps = type(model.eraser).maps
+
+    def maps_with_a_nan(self, *args):
+        maps = real_maps(self, *args).clone()
+        maps[2, 0, 0] = float("nan")
+        return maps
+
+    monkeypatch.setattr(type(model.eraser), "maps", maps_with_a_nan)
+    out = model.forward_train(images, pids, generator=torch.Generator().manual_seed(0))
+    assert out.info["saliency_nonfinite"] == 1 / 8
+    assert out.was_erased.tolist() == [True, True, False, True, True, True, True, True]
+    assert torch.equal(out.erased_images[2], images[2])
+    assert not torch.equal(out.erased_images[3], images[3])
+    assert bool(torch.isfinite(out.saliency).all())
+    assert bool(torch.isfinite(out.branches["esb"].feat).all())

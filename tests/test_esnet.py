@@ -438,7 +438,7 @@ def test_forward_train_records_the_erasure_and_draws_from_the_generator():
     a, b = runs
     assert torch.equal(a.was_erased, b.was_erased) and torch.equal(a.erased_images, b.erased_images)
     frac = float(a.was_erased.float().mean())
-    assert 0 < frac < 1 and a.info == {"erased_frac": frac}
+    assert 0 < frac < 1 and a.info == {"erased_frac": frac, "saliency_nonfinite": 0.0}
     # The saliency maps that drove the erasing (CG-RAM of the ESB at layer4, clean images).
     torch.testing.assert_close(a.saliency, _cg_ram_by_hand(model.trunk, model.esb, images, pids,
                                                            "layer4"))
@@ -446,3 +446,65 @@ def test_forward_train_records_the_erasure_and_draws_from_the_generator():
         torch.testing.assert_close(a.branches["aib"].bn_feat, model.aib(model.trunk(images)).bn_feat)
         torch.testing.assert_close(a.branches["esb"].bn_feat,
                                    model.esb(model.trunk(a.erased_images)).bn_feat)
+
+
+# --- the saliency pass under mixed precision (issue 18) --------------------------------------
+#
+# A low-precision kernel that returns a non-finite value anywhere in one image's ESB feature
+# map used to turn every map of the batch into NaN: the BNNeck in training mode normalises with
+# the batch's statistics, so one NaN descriptor entry reaches every descriptor. These tests make
+# the low-precision forward produce such values for real, without native bf16 kernels: float16
+# autocast on the CPU overflows (its largest value is 65504) where float32 does not.
+
+
+def _overflowing_in_half(model, factor=1e6):
+    """Scale the first convolution of the ESB's layer4: its output overflows float16 (inf, then
+    NaN after the BatchNorm) but stays finite in float32, where the BatchNorm normalises it."""
+    with torch.no_grad():
+        model.esb.stages.layer4[0].conv1.weight.mul_(factor)
+    return model
+
+
+def test_one_non_finite_activation_spreads_to_every_training_map_through_the_bnneck():
+    # The mechanism, fed directly: one NaN in one image's feature map, BNNeck in train mode.
+    model = _model().train()
+    images, pids = _batch()
+    with torch.no_grad():
+        fmap = model.esb.feature_map(model.trunk(images))
+    fmap[3, 7, 0, 0] = float("nan")
+    maps = batch_cg_ram(lambda a: model.esb.head(a).bn_feat, fmap, pids)
+    assert bool(torch.isnan(maps).all())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_saliency_maps_under_half_autocast_are_the_float32_maps_of_the_trunk_output(training):
+    model = _overflowing_in_half(_model()).train(training)
+    images, pids = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        shared = model.trunk(images)
+        assert not bool(torch.isfinite(model.esb.feature_map(shared)).all())  # half overflows
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        maps = model.saliency_maps(images, pids, shared=shared)
+    assert maps.dtype == torch.float32 and bool(torch.isfinite(maps).all())
+    model.load_state_dict(state)  # the same BatchNorm running statistics for the reference
+    expected = model.saliency_maps(images, pids, shared=shared.float())
+    torch.testing.assert_close(maps, expected, rtol=0, atol=0)
+    assert float(maps.amax()) > 0
+
+
+def test_a_besm_training_forward_under_half_autocast_erases_from_finite_maps():
+    model = _overflowing_in_half(_model()).train()
+    images, pids = _batch()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model.forward_train(images, pids, torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out.saliency).all()) and bool(out.was_erased.all())
+    assert out.info["saliency_nonfinite"] == 0.0
+
+
+def test_grad_cam_erasing_under_half_autocast_uses_float32_feature_maps():
+    model = _overflowing_in_half(_model("gradcam")).train()
+    images, pids = _batch()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model.forward_train(images, pids, torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out.saliency).all()) and float(out.saliency.amax()) > 0

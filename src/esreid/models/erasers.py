@@ -55,6 +55,8 @@ class Erasure:
     was_erased: torch.Tensor | None = None
     erased_images: torch.Tensor | None = None
     saliency: torch.Tensor | None = None
+    #: What the eraser measured on the batch (logged per step and epoch), by name.
+    info: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,15 +152,30 @@ class _SalientErasing(Eraser):
 
     def __call__(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
                  shared: torch.Tensor, generator: torch.Generator | None) -> Erasure:
-        """Erase the salient pixels, then the trunk and the ESB on the erased batch."""
+        """Erase the salient pixels, then the trunk and the ESB on the erased batch.
+
+        A map with a non-finite value is counted (``saliency_nonfinite``: the fraction of
+        such maps) and erases nothing, so that the step completes on every process and the
+        trainer stops the run at that step with a message (rather than one process raising
+        inside its forward).
+        """
+        import torch
+
         from esreid.saliency.erasing import besm_erase
 
         maps = self.maps(model, images, pids, shared)
+        finite = torch.isfinite(maps).flatten(1).all(dim=1)
+        nonfinite = float((~finite).float().mean())
+        if nonfinite:
+            maps = torch.where(finite[:, None, None], maps, torch.zeros_like(maps))
         erased, was = besm_erase(images, maps, self.ratio, self.prob, self.value,
                                  generator=generator)
+        if nonfinite:
+            erased = torch.where(finite[:, None, None, None].to(erased.device), erased, images)
+            was = was & finite.to(was.device)
         esb_in = _trunk_erased(model.trunk, shared, erased, was, self.reuse_clean)
         return Erasure(esb=model.esb(esb_in), was_erased=was, erased_images=erased,
-                       saliency=maps)
+                       saliency=maps, info={"saliency_nonfinite": nonfinite})
 
 
 @dataclass(frozen=True)
@@ -182,14 +199,12 @@ class GradCAMErasing(_SalientErasing):
 
     def maps(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
              shared: torch.Tensor) -> torch.Tensor:
-        """Grad-CAM of the ESB's classifier; only the part after ``layer`` is differentiated."""
-        import torch
-
+        """Grad-CAM of the ESB's classifier; only the part after ``layer`` is differentiated
+        (float32, from the clean trunk output, as CG-RAM)."""
         from esreid.saliency.cgram import grad_cam_batch
 
         b = model.esb
-        with torch.no_grad():
-            fmap = b.feature_map(shared.detach(), upto=self.layer)
+        fmap = model.saliency_feature_map(images, "esb", shared, layer=self.layer)
         return grad_cam_batch(lambda a: b.head(a, after=self.layer).logits, fmap, pids)
 
 

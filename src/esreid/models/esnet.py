@@ -20,7 +20,7 @@ from esreid.models.backbone import STAGES, add_non_local, build_resnet, feature_
 from esreid.models.erasers import Eraser, NoErasing, eraser_from_config
 from esreid.models.heads import BNNeck
 from esreid.models.pooling import build_pooling
-from esreid.saliency.cgram import batch_cg_ram
+from esreid.saliency.cgram import at_least_float32, batch_cg_ram, full_precision
 
 if TYPE_CHECKING:
     from esreid.config import EraseConfig, ModelConfig
@@ -144,20 +144,41 @@ class ESNet(nn.Module):
 
     # --- training -----------------------------------------------------------------------
 
+    def saliency_layer(self, branch: str = "esb") -> str:
+        """The stage of ``branch`` that saliency explains: ``erase.layer``, or the branch's
+        last stage when it does not own that layer."""
+        b = self.branches()[branch]
+        return self.eraser.layer if self.eraser.layer in b.stage_names else b.stage_names[-1]
+
+    def saliency_feature_map(self, images: torch.Tensor, branch: str = "esb",
+                             shared: torch.Tensor | None = None,
+                             layer: str | None = None) -> torch.Tensor:
+        """The clean batch's feature map [N, C, h, w] at ``layer`` (default
+        :meth:`saliency_layer`) of ``branch``, for saliency maps.
+
+        A no-grad forward in float32 with autocast off, from the trunk's output ``shared``
+        (computed from ``images`` when not given, also in float32): under mixed precision the
+        maps are the float32 maps of the trunk output the training step uses, whatever the
+        low-precision kernels of the branch would give (see :func:`cgram.full_precision`).
+        """
+        b = self.branches()[branch]
+        layer = layer or self.saliency_layer(branch)
+        with torch.no_grad(), full_precision(images):
+            if shared is None:
+                shared = self.trunk(at_least_float32(images))
+            return b.feature_map(at_least_float32(shared.detach()), upto=layer)
+
     def saliency_maps(self, images: torch.Tensor, pids: torch.Tensor, branch: str = "esb",
                       shared: torch.Tensor | None = None) -> torch.Tensor:
-        """Batch CG-RAM maps [N, h, w] (Eq. 5) at layer ``erase.layer`` of ``branch``.
+        """Batch CG-RAM maps [N, h, w] (Eq. 5) at layer ``erase.layer`` of ``branch``, float32.
 
-        The feature map comes from a no-grad forward of the branch's stages on the clean
-        batch; only the part of the branch after that layer is differentiated. A branch
+        The feature map comes from :meth:`saliency_feature_map` (no grad, float32, clean
+        batch); only the part of the branch after that layer is differentiated. A branch
         without that layer is explained at its last stage.
         """
         b = self.branches()[branch]
-        layer = self.eraser.layer if self.eraser.layer in b.stage_names else b.stage_names[-1]
-        with torch.no_grad():
-            if shared is None:
-                shared = self.trunk(images)
-            fmap = b.feature_map(shared.detach(), upto=layer)
+        layer = self.saliency_layer(branch)
+        fmap = self.saliency_feature_map(images, branch, shared, layer)
         return batch_cg_ram(lambda a: b.head(a, after=layer).bn_feat, fmap, pids)
 
     def forward_train(
@@ -182,6 +203,7 @@ class ESNet(nn.Module):
         out.saliency = erasure.saliency
         if out.was_erased is not None:
             out.info["erased_frac"] = float(out.was_erased.float().mean())
+        out.info.update(erasure.info)
         return out
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "cg_ram",
     "cosine_score",
     "easiest_positive",
+    "full_precision",
     "grad_cam_batch",
     "upsample_saliency",
 ]
@@ -51,15 +52,24 @@ def _leaf(feature_map: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} must be [N, C, h, w], got shape {tuple(feature_map.shape)}")
     if not feature_map.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {feature_map.dtype}")
-    dtype = torch.promote_types(feature_map.dtype, torch.float32)
-    return feature_map.detach().to(dtype).requires_grad_(True)
+    return at_least_float32(feature_map.detach()).requires_grad_(True)
 
 
-def _full_precision(activation: Tensor):
-    """Autocast switched off: the saliency gradients (cosine scores of nearly equal
-    descriptors, then products with A) lose their ranking in half precision, and the head
-    after layer L is a small part of the network."""
-    return torch.autocast(activation.device.type, enabled=False)
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or as it is when it is already float32 or float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def full_precision(x: Tensor):
+    """A context with autocast switched off on ``x``'s device.
+
+    Saliency is a measurement, not a training computation: in half precision the gradients
+    (cosine scores of nearly equal descriptors, then products with A) lose their ranking, and
+    a half-precision forward of the branch can overflow (float16) or meet a faulty native
+    kernel, and one non-finite activation of one image becomes NaN in every map through the
+    BNNeck's batch statistics. So everything from the clean trunk output on runs in float32.
+    """
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _grad_wrt(score: Tensor, leaf: Tensor, what: str) -> Tensor:
@@ -235,7 +245,7 @@ def batch_cg_ram(head: Callable[[Tensor], Tensor], feature_map: Tensor, pids: Te
     n = activation.shape[0]
     if pids.dim() != 1 or pids.shape[0] != n:
         raise ValueError(f"pids must be [N={n}], got shape {tuple(pids.shape)}")
-    with torch.enable_grad(), _full_precision(activation):
+    with torch.enable_grad(), full_precision(activation):
         features = head(activation)
         _check_descriptors(features, n, "head")
         partner = easiest_positive(features, pids).to(features.device)
@@ -275,7 +285,7 @@ def grad_cam_batch(
         raise ValueError(f"targets must be [N={n}], got shape {tuple(targets.shape)}")
     if targets.is_floating_point() or targets.is_complex():
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    with torch.enable_grad(), _full_precision(activation):
+    with torch.enable_grad(), full_precision(activation):
         logits = logits_fn(activation)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(
