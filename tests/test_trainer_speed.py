@@ -1,18 +1,26 @@
-"""The Trainer's speed switches: mixed precision (train.amp), channels-last, torch.compile.
+"""The Trainer's speed switches: mixed precision (train.amp), channels-last, torch.compile,
+and what a step does when its numbers stop being finite.
 
-Each is checked against the default float32 path on the same tiny model and batch: the
-switch must change how the step is computed, not what it computes (within a tolerance).
+Each switch is checked against the default float32 path on the same tiny model and batch: the
+switch must change how the step is computed, not what it computes (within a tolerance). A
+non-finite loss term, saliency map or gradient stops the run at that step with one line and
+the last good checkpoint; fp16's GradScaler skips overflowing steps and counts them.
 """
 
+import json
 import logging
 import math
 
 import pytest
 import torch
 
+from esreid.cli import main
 from esreid.config import load_config
 from esreid.data.synthetic import generate_synthetic
-from esreid.engine.trainer import Trainer
+from esreid.engine.checkpoint import read_checkpoint
+from esreid.engine.objective import TrainingObjective
+from esreid.engine.trainer import Trainer, TrainingDiverged
+from esreid.models.erasers import BESM
 
 TINY = [
     "model.backbone=resnet10", "model.pretrained=none", "data.name=synthetic",
@@ -66,6 +74,33 @@ def test_bf16_on_cpu_trains_and_evaluates_end_to_end(tmp_path, synth_root):
     assert 0.0 <= result["metrics"]["mAP"] <= 1.0
 
 
+def _first_forward(trainer):
+    trainer.loader.sampler.set_epoch(0)
+    images, pids, *_ = next(iter(trainer.loader))
+    trainer.model.train()
+    with torch.autocast("cpu", dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
+        out = trainer.model.forward_train(images, pids, trainer.generator)
+        shared = trainer.model.trunk(images)
+    return images, pids, shared, out
+
+
+def test_bf16_saliency_maps_are_the_float32_maps_and_erase_what_float32_erases(
+        tmp_path, synth_root):
+    _, _, _, ref = _first_forward(_trainer(tmp_path, synth_root, "fp32"))
+    trainer = _trainer(tmp_path, synth_root, "bf16", "train.amp=bf16")
+    images, pids, shared, out = _first_forward(trainer)
+    assert shared.dtype == torch.bfloat16 and out.saliency.dtype == torch.float32
+    # The maps of a bf16 step are the float32 maps of its (bf16) trunk output ...
+    torch.testing.assert_close(out.saliency,
+                               trainer.model.saliency_maps(images, pids, shared=shared.float()),
+                               rtol=0, atol=0)
+    # ... so BESM erases nearly the pixels the float32 step erases (the trunk's rounding
+    # moves a few pixels near the top-R threshold).
+    erased, ref_erased = ((o.erased_images != 0).all(1).logical_not() for o in (out, ref))
+    iou = ((erased & ref_erased).flatten(1).sum(1) / (erased | ref_erased).flatten(1).sum(1))
+    assert float(iou.mean()) >= 0.9 and float(iou.min()) >= 0.6, iou.tolist()
+
+
 def test_fp16_without_cuda_warns_and_trains_in_float32(tmp_path, synth_root, caplog):
     with caplog.at_level(logging.WARNING, logger="esreid.train"):
         trainer = _trainer(tmp_path, synth_root, "fp16", "train.amp=fp16")
@@ -102,3 +137,97 @@ def test_compiled_step_gives_the_default_loss(tmp_path, synth_root):
     for (loss, parts), (ref_loss, ref_parts) in zip(steps, ref, strict=True):
         assert loss == pytest.approx(ref_loss, rel=1e-4)
         assert parts == pytest.approx(ref_parts, rel=1e-4, abs=1e-5)
+
+
+# --- non-finite values never travel silently -------------------------------------------------
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_non_finite_loss_term_stops_the_run_and_keeps_the_last_good_checkpoint(
+        tmp_path, synth_root, monkeypatch, capsys):
+    real_forward = TrainingObjective.forward
+    calls = []
+
+    def third_step_diverges(self, images, pids, generator=None):
+        loss, terms, info = real_forward(self, images, pids, generator)
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2, iteration 1
+            nan = float("nan")
+            loss, terms = loss * nan, {**terms, "id_esb": terms["id_esb"] * nan}
+        return loss, terms, info
+
+    monkeypatch.setattr(TrainingObjective, "forward", third_step_diverges)
+    args = ["train", "--config", "esnet", "--no-eval", "--set", *TINY, f"data.root={synth_root}",
+            f"train.output_dir={tmp_path}", "train.run_name=nan", "optim.epochs=2"]
+    assert main(args) == 3
+    run = tmp_path / "nan"
+    lines = capsys.readouterr().err.strip().splitlines()  # the log's lines come first
+    said = [line for line in lines if line.startswith("esreid train:")]
+    assert said == lines[-1:], lines
+    err = said[0]
+    assert err.startswith("esreid train: id_esb became nan at epoch 2, iteration 1/2 under "
+                          "train.amp=none; the step was not applied.")
+    assert (f"Last good checkpoint: {run / 'checkpoints' / 'last.pt'} (epoch 1); resume with: "
+            f"esreid train --resume {run} (add --set optim.lr=<lower> --force") in err
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
+    last = _records(run)[-1]
+    assert last == {"type": "nonfinite", "epoch": 1, "iteration": 0, "term": "id_esb",
+                    "value": "nan", "amp": "train.amp=none", "world_size": 1}
+    # The resume command of the message continues from the kept checkpoint.
+    monkeypatch.setattr(TrainingObjective, "forward", real_forward)
+    assert main(["train", "--resume", str(run), "--no-eval"]) == 0
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_non_finite_saliency_maps_stop_the_run_naming_them_and_the_precision(
+        tmp_path, synth_root, monkeypatch):
+    real_maps = BESM.maps
+
+    def maps_with_a_nan(self, *args):
+        maps = real_maps(self, *args).clone()
+        maps[1, 0, 0] = float("inf")
+        return maps
+
+    monkeypatch.setattr(BESM, "maps", maps_with_a_nan)
+    trainer = _trainer(tmp_path, synth_root, "inf_maps", "train.amp=bf16")
+    with pytest.raises(TrainingDiverged) as stop:
+        trainer.fit(evaluate=False)
+    assert stop.value.term == "saliency maps" and stop.value.exit_code == 3
+    assert str(stop.value).startswith(
+        "saliency maps became non-finite in 12% of the batch at epoch 1, iteration 1/2 under "
+        "train.amp=bf16; the step was not applied. No checkpoint was written yet")
+    assert not (tmp_path / "inf_maps" / "checkpoints" / "last.pt").exists()
+
+
+def test_non_finite_gradients_stop_the_run_before_the_weights_change(tmp_path, synth_root):
+    trainer = _trainer(tmp_path, synth_root, "inf_grads")
+    weight = trainer.model.trunk.stem[0].weight
+    weight.register_hook(lambda grad: grad * float("inf"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" not in k
+              and "num_batches" not in k}
+    with pytest.raises(TrainingDiverged, match=r"^gradients became non-finite at epoch 1, "
+                                               r"iteration 1/2 under train.amp=none"):
+        _first_steps(trainer, 1)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_fp16_grad_scaler_skips_overflowing_steps_lowers_its_scale_and_counts_them(
+        tmp_path, synth_root):
+    trainer = _trainer(tmp_path, synth_root, "scaler", "optim.iters_per_epoch=3")
+    # GradScaler's real skip-and-lower: a scale of 2^127 makes the scaled float32 gradients
+    # overflow (as fp16 gradients do at far smaller scales), so the steps are skipped.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=100)
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.fit(evaluate=False)
+    record = next(r for r in _records(tmp_path / "scaler") if r["type"] == "train")
+    skipped = record["amp_skipped_steps"]
+    assert 1 <= skipped <= 3 and record["amp_scale"] == 2.0 ** (127 - skipped)
+    changed = any(not torch.equal(v, dict(trainer.model.named_parameters())[k])
+                  for k, v in before.items())
+    assert changed == (skipped < 3)
+    assert read_checkpoint(tmp_path / "scaler" / "checkpoints" / "last.pt")["scaler"]["scale"] \
+        == 2.0 ** (127 - skipped)

@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     from esreid.config import ConfigError, load_config
     from esreid.engine.checkpoint import config_from_checkpoint, find_resume_checkpoint
     from esreid.engine.evaluate import format_metrics
-    from esreid.engine.trainer import Trainer, TrainingInterrupted
+    from esreid.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
     if args.resume:
         if args.overwrite:
@@ -106,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, overwrite=args.overwrite)
     try:
         result = trainer.fit(evaluate=not args.no_eval)
-    except TrainingInterrupted as stop:
+    except (TrainingInterrupted, TrainingDiverged) as stop:
         if trainer.is_main:
             print(f"esreid train: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
@@ -162,7 +162,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from esreid.config import ConfigError, load_config
     from esreid.engine.checkpoint import RunFolder
     from esreid.engine.data import check_data, load_data
-    from esreid.engine.trainer import Trainer, TrainingInterrupted
+    from esreid.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
     from esreid.metrics import build_report
 
     # Every value is checked, and every run folder is free, before the first run trains.
@@ -187,7 +187,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite)
         try:
             trainer.fit()
-        except TrainingInterrupted as stop:
+        except (TrainingInterrupted, TrainingDiverged) as stop:
             print(f"esreid sweep: {stop}", file=sys.stderr, flush=True)
             return stop.exit_code
         paths.append(trainer.run_dir)
@@ -224,7 +224,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from esreid.engine.trainer import TrainingInterrupted
+    from esreid.engine.trainer import TrainingDiverged, TrainingInterrupted
     from esreid.study import run_study
 
     try:
@@ -233,6 +233,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(f"esreid study: {stop}; run the same esreid study command again to go on",
               file=sys.stderr, flush=True)
+        return stop.exit_code
+    except TrainingDiverged as stop:
+        print(f"esreid study: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
     return 0
 

@@ -60,8 +60,8 @@ from esreid.utils import (
     setup_run_logging,
 )
 
-__all__ = ["CheckpointError", "EpochStats", "RunExistsError", "Trainer", "TrainingInterrupted",
-           "load_data"]
+__all__ = ["CheckpointError", "EpochStats", "RunExistsError", "Trainer", "TrainingDiverged",
+           "TrainingInterrupted", "load_data"]
 
 log = logging.getLogger("esreid.train")
 
@@ -74,6 +74,20 @@ _AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class RunExistsError(RuntimeError):
     """The run folder already holds a run and neither resuming nor overwriting was asked."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss term, the saliency maps or the gradients of a step became non-finite.
+
+    The step was not applied, so the last checkpoint holds the last good state; the message
+    says where it is and how to resume. ``term`` names what became non-finite.
+    """
+
+    exit_code = 3
+
+    def __init__(self, term: str, message: str) -> None:
+        super().__init__(message)
+        self.term = term
 
 
 class TrainingInterrupted(Exception):
@@ -110,6 +124,7 @@ class _EpochProgress:
     sums: dict[str, float] = field(default_factory=dict)
     seen: int = 0
     seconds: float = 0.0
+    amp_skipped: int = 0  # fp16 steps GradScaler skipped (overflowing gradients)
 
 
 
@@ -473,12 +488,68 @@ class Trainer:
         values = torch.stack([loss.detach().float(), *(t.float() for t in terms.values())]).tolist()
         values = distributed.all_mean(self.ctx, values + list(info.values()))
         loss_value, parts = values[0], dict(zip(names, values[1:], strict=True))
-        if not math.isfinite(loss_value):
-            # Before the optimiser step, so the last checkpointed weights stay the last good ones.
-            raise FloatingPointError(f"loss became {loss_value} at epoch {self.epoch + 1}: {parts}")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # Before the optimiser step: the weights, and so the last checkpoint, stay good.
+        self._check_finite(loss_value, parts)
+        if self.scaler.is_enabled():
+            # fp16: GradScaler skips a step whose gradients overflowed and lowers its scale.
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                self.progress.amp_skipped += 1
+        else:
+            self.optimizer.step()
         return loss_value, parts
+
+    def _precision(self) -> str:
+        """The precision the steps run in, as the config names it (``train.amp=...``)."""
+        amp = {None: "none", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp_dtype]
+        return f"train.amp={amp}"
+
+    def _check_finite(self, loss_value: float, parts: dict[str, float]) -> None:
+        """Stop the run (:class:`TrainingDiverged`) when a loss term, the saliency maps or,
+        outside fp16, the gradients of this step are not finite. Every process sees the same
+        averaged values and gradients, so all of them stop at the same step."""
+        bad = next(((k, v) for k, v in parts.items()
+                    if k in self._loss_terms and not math.isfinite(v)), None)
+        if bad is None and not math.isfinite(loss_value):
+            bad = ("loss", loss_value)
+        if bad is None and parts.get("saliency_nonfinite", 0.0) > 0:
+            bad = ("saliency maps", f"non-finite in {parts['saliency_nonfinite']:.0%} of the batch")
+        if bad is None and not self.scaler.is_enabled() and not self._gradients_finite():
+            bad = ("gradients", "non-finite")
+        if bad is None:
+            return
+        term, value = bad
+        where = f"epoch {self.epoch + 1}, iteration {self.iteration + 1}/{self.iters_per_epoch}"
+        self._log_metrics({"type": "nonfinite", "epoch": self.epoch, "iteration": self.iteration,
+                           "term": term, "value": str(value), "amp": self._precision()})
+        raise TrainingDiverged(term, f"{term} became {value} at {where} under {self._precision()}; "
+                                     f"the step was not applied. {self._resume_hint()}")
+
+    @property
+    def _loss_terms(self) -> set[str]:
+        return {f"{kind}_{name}" for name in self.model.branches() for kind in ("id", "triplet")}
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        # One norm per tensor and one synchronisation: a non-finite entry makes its norm so.
+        return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float())
+                                                for g in grads])).all())
+
+    def _resume_hint(self) -> str:
+        """Where the last good state is and the command that continues from it."""
+        if self._saved_at is None or not self.folder.last.is_file():
+            return ("No checkpoint was written yet: start again with --overwrite (e.g. with "
+                    "--set train.amp=none or a lower optim.lr).")
+        epoch, iteration = self._saved_at
+        at = f"epoch {epoch}" + (f", iteration {iteration}" if iteration else "")
+        change = ("--set train.amp=none to go on in float32" if self.amp_dtype is not None
+                  else "--set optim.lr=<lower> --force to go on with a lower learning rate")
+        return (f"Last good checkpoint: {self.folder.last} ({at}); resume with: "
+                f"esreid train --resume {self.run_dir} (add {change}).")
 
     def _epoch_length(self, epoch: int) -> int:
         """Batches in ``epoch``: the PK sampler's exact count, capped by optim.iters_per_epoch."""
@@ -557,6 +628,8 @@ class Trainer:
         record: dict[str, Any] = {"type": "train", "epoch": self.epoch, "loss": stats.loss,
                                   "lr": stats.lr, "images_per_s": stats.images_per_s,
                                   "seconds": elapsed, **stats.parts}
+        if self.scaler.is_enabled():
+            record.update(amp_skipped_steps=acc.amp_skipped, amp_scale=self.scaler.get_scale())
         record.update(self._ppool_values())
         if cfg.train.diagnose_erasing and last_batch is not None and self.is_main:
             record.update(self.erased_batch_loss(*last_batch))
@@ -565,7 +638,8 @@ class Trainer:
         self._log_metrics(record)
         log.info("epoch %d/%d loss %.4f lr %.2e %.1f img/s %.0fs%s", self.epoch, cfg.optim.epochs,
                  stats.loss, stats.lr, stats.images_per_s, elapsed,
-                 "".join(f" {k}={v:.3f}" for k, v in record.items() if k.startswith(("erased", "ppool"))))
+                 "".join(f" {k}={v:.3f}" for k, v in record.items() if k.startswith(("erased", "ppool")))
+                 + "".join(f" {k}={v:g}" for k, v in record.items() if k.startswith("amp_")))
         return stats
 
     def _ppool_values(self) -> dict[str, float]:
