@@ -1,8 +1,9 @@
 """Writers of tiny benchmark trees with the real file naming and list formats.
 
 Each writer creates the benchmark under ``parent`` (using its official archive folder name
-unless told otherwise) and returns the benchmark folder. Images are valid 8x4 JPEGs so other
-tests can also feed the trees to the image pipeline. The exact contents are documented next to
+unless told otherwise) and returns the benchmark folder. Images are valid 8x16 JPEGs (the image
+reader refuses anything under 8 pixels a side) so other tests can also feed the trees to the
+image pipeline. The exact contents are documented next to
 each writer because tests assert the resulting counts.
 """
 
@@ -16,11 +17,11 @@ from pathlib import Path
 
 @functools.cache
 def _jpeg_bytes() -> bytes:
-    """Bytes of one 8x4 (width x height) grey JPEG, encoded once."""
+    """Bytes of one 8x16 (width x height) grey JPEG, encoded once."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 4), (128, 128, 128)).save(buffer, format="JPEG")
+    Image.new("RGB", (8, 16), (128, 128, 128)).save(buffer, format="JPEG")
     return buffer.getvalue()
 
 

@@ -135,4 +135,7 @@ def test_identity_depends_on_weights_and_input(checkpoint, tmp_path):
     torch.save(ckpt, tmp_path / "other.pt")
     assert ReIDModel.from_checkpoint(tmp_path / "other.pt").identity != a.identity
     bigger = ReIDModel.from_checkpoint(checkpoint, overrides=["data.height=64"])
-    assert bigger.identity != a.identity and bigger.preprocess(np.zeros((5, 5, 3), np.uint8)).shape[2] == 64
+    assert bigger.identity != a.identity and bigger.preprocess(np.zeros((8, 8, 3), np.uint8)).shape[2] == 64
+    # Arrays go through the image reader too: below 8 pixels a side is refused.
+    with pytest.raises(ImageReadError, match="5x5 pixels is below the minimum of 8"):
+        bigger.preprocess(np.zeros((5, 5, 3), np.uint8))

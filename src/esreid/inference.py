@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from esreid.config import Config
+from esreid.data.images import prepare_image
 from esreid.data.loader import read_rgb
 from esreid.data.transforms import build_transforms
 from esreid.engine.features import descriptor
@@ -60,14 +61,16 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
-def to_pil(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path (read with the data loaders' reader, so an unreadable
-    file names itself), a PIL image, a uint8 array ``[H, W]``/``[H, W, 3|4]`` (RGB) or a
-    uint8 tensor ``[3, H, W]``."""
+def to_pil(image: ImageLike, target: tuple[int, int] | None = None) -> Image.Image:
+    """An upright 8-bit RGB PIL image from a path or a PIL image (both through the one image
+    reader, :mod:`esreid.data.images`: EXIF orientation, 16-bit, float, palette, alpha, CMYK
+    and grayscale converted, images under 8 pixels a side refused, an unreadable file named),
+    a uint8 array ``[H, W]``/``[H, W, 1|3|4]`` (RGB) or a uint8 tensor ``[1|3, H, W]``.
+    ``target`` (height, width) lets a much larger image decode smaller."""
     if isinstance(image, (str, os.PathLike)):
-        return read_rgb(image)
+        return read_rgb(image, target)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return prepare_image(image, target=target)
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
             raise ValueError("a tensor image must be uint8 [3, H, W] (or a float [3, H, W] "
@@ -80,7 +83,9 @@ def to_pil(image: ImageLike) -> Image.Image:
                              f"{image.dtype} {image.shape}")
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        return Image.fromarray(image).convert("RGB")
+        # An array's fourth channel is alpha, composited like an RGBA file's.
+        return prepare_image(Image.fromarray(np.ascontiguousarray(image)), name="array image",
+                             target=target)
     raise TypeError(f"cannot read an image from a {type(image).__name__}: pass a path, a PIL "
                     "image, a uint8 array or a tensor")
 
@@ -141,6 +146,12 @@ class ReIDModel:
                    batch_size=batch_size, backend=backend)
 
     @property
+    def input_size(self) -> tuple[int, int]:
+        """The model's input (height, width): what images are resized to, and what the
+        image reader may decode much larger images down towards."""
+        return self.height, self.width
+
+    @property
     def descriptor_dim(self) -> int:
         """Length of a descriptor."""
         if self._backend is not None:
@@ -165,7 +176,7 @@ class ReIDModel:
                                      f"got {tuple(item.shape)}")
                 out.append(item.float().cpu())
             else:
-                out.append(self._transform(to_pil(item)))
+                out.append(self._transform(to_pil(item, self.input_size)))
         return torch.stack(out)
 
     def _embed_batch(self, batch: torch.Tensor) -> np.ndarray:
@@ -211,7 +222,7 @@ class ReIDModel:
             tensors = []
             for path in items[start:start + self.batch_size]:
                 try:
-                    tensors.append(self._transform(read_rgb(path)))
+                    tensors.append(self._transform(read_rgb(path, self.input_size)))
                 except ImageReadError as err:
                     failed.append((path, str(err)))
                     continue

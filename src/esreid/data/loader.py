@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from esreid.data.images import ImageReadError, read_image
 from esreid.data.records import Record
 from esreid.data.samplers import EpochIndex, PKSampler
 from esreid.data.transforms import build_transforms
@@ -67,41 +68,6 @@ __all__ = [
 
 #: Accepted values of ``on_bad_image``.
 BAD_IMAGE_MODES = ("error", "skip")
-
-# torch re-raises a worker's exception as ``exc_type(msg)`` where ``msg`` is
-# "Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...\n<module>.<Type>: <message>".
-_WRAPPED_PREFIX = "Caught ImageReadError "
-_FINAL_LINE_MARKER = "ImageReadError: "
-
-
-class ImageReadError(OSError):
-    """An image file is missing, unreadable or not a decodable image.
-
-    The message is one line, ``cannot read image <path>: <reason>`` (or, in skip mode, one
-    naming an identity none of whose images can be read). When torch re-raises the error
-    from a DataLoader worker with the worker's whole traceback as the message, only the
-    original one-line message is kept, so the error reads the same with and without workers.
-    """
-
-    def __init__(self, *args: object) -> None:
-        """Store the message, unwrapping a DataLoader worker's re-raise message."""
-        if len(args) == 1 and isinstance(args[0], str):
-            args = (_unwrap_worker_message(args[0]),)
-        super().__init__(*args)
-
-
-def _unwrap_worker_message(message: str) -> str:
-    """The original message inside torch's "Caught ImageReadError in DataLoader worker ..."
-    text (the last traceback line's text after the exception name), else ``message``."""
-    if not message.startswith(_WRAPPED_PREFIX):
-        return message
-    # The last occurrence is the re-raised exception itself: chained causes (the PIL error
-    # behind it) are printed before it in the traceback.
-    at = message.rfind(_FINAL_LINE_MARKER)
-    if at < 0:
-        return message
-    return message[at + len(_FINAL_LINE_MARKER) :].strip()
-
 
 def _check_on_bad_image(where: str, on_bad_image: str) -> None:
     """Raise ValueError naming ``where`` unless ``on_bad_image`` is "error" or "skip"."""
@@ -189,23 +155,17 @@ class BadImageLog:
         return list(self._paths)
 
 
-def read_rgb(path: str) -> Image.Image:
-    """Open and fully decode the image at ``path``; returns an RGB PIL image.
+def read_rgb(path: str | os.PathLike, target: tuple[int, int] | None = None) -> Image.Image:
+    """Open and fully decode the image at ``path``; returns an upright 8-bit RGB PIL image.
 
-    Raises :class:`ImageReadError` naming the path and the reason when the file is missing,
-    unreadable, truncated or not an image.
+    The one image reader (:func:`esreid.data.images.read_image`): EXIF orientation, 16-bit,
+    float, palette, alpha, CMYK and grayscale images converted, images under
+    :data:`~esreid.data.images.MIN_IMAGE_SIDE` pixels a side refused; ``target`` (height,
+    width) lets a much larger image decode smaller. Raises :class:`ImageReadError` naming
+    the path and the reason when the file is missing, unreadable, truncated, not an image or
+    refused.
     """
-    try:
-        with Image.open(path) as image:
-            # convert() forces the full decode inside the try, so truncated files fail here
-            # rather than later inside a transform with no file name attached.
-            return image.convert("RGB")
-    except FileNotFoundError as exc:
-        raise ImageReadError(f"cannot read image {path}: file not found") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # One line whatever the decoder says, so the error stays a one-line report.
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageReadError(f"cannot read image {path}: {reason}") from exc
+    return read_image(path, target=target)
 
 
 def _augmentation_seed(seed: int, key: int, index: int) -> int:
@@ -255,8 +215,11 @@ class ImageDataset(Dataset):
         seed: int | None = None,
         on_bad_image: str = "error",
         replace_bad: bool = False,
+        decode_size: tuple[int, int] | None = None,
     ) -> None:
-        """Store the records, the transform, the augmentation seed and the bad-image policy."""
+        """Store the records, the transform, the augmentation seed, the bad-image policy and
+        the size the transform resizes to (``decode_size``, (height, width): much larger
+        images are decoded smaller, as :func:`read_rgb` says)."""
         if seed is not None and seed < 0:
             raise ValueError(f"ImageDataset: seed must be >= 0, got {seed}")
         _check_on_bad_image("ImageDataset", on_bad_image)
@@ -265,6 +228,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.on_bad_image = on_bad_image
         self.replace_bad = replace_bad
+        self.decode_size = decode_size
         self._same_pid: dict[int, list[int]] | None = None
 
     def __len__(self) -> int:
@@ -295,7 +259,7 @@ class ImageDataset(Dataset):
         for candidate in same[start:] + same[:start]:
             path = self.records[candidate].path
             try:
-                return read_rgb(path), candidate, tuple(failed)
+                return read_rgb(path, self.decode_size), candidate, tuple(failed)
             except ImageReadError as err:
                 failed.append(path)
                 first_error = first_error or str(err)
@@ -315,13 +279,13 @@ class ImageDataset(Dataset):
         record = self.records[index]
         bad: tuple[str, ...] = ()
         if self.on_bad_image == "error":
-            image = read_rgb(record.path)
+            image = read_rgb(record.path, self.decode_size)
         elif self.replace_bad:
             image, index, bad = self._read_replacing(index)
             record = self.records[index]
         else:
             try:
-                image = read_rgb(record.path)
+                image = read_rgb(record.path, self.decode_size)
             except ImageReadError:
                 return None, record.pid, record.camid, index, (record.path,)
         if self.transform is not None:
@@ -452,7 +416,8 @@ def build_train_loader(
     transform = build_transforms(height, width, is_train=True, flip_prob=flip_prob, pad=pad,
                                  random_erasing=random_erasing)
     dataset = ImageDataset(
-        records, transform, seed=seed, on_bad_image=on_bad_image, replace_bad=True
+        records, transform, seed=seed, on_bad_image=on_bad_image, replace_bad=True,
+        decode_size=(height, width),
     )
     return _Loader(
         dataset,
@@ -494,7 +459,7 @@ def build_test_loader(
         raise ValueError(f"build_test_loader: batch_size must be >= 1, got {batch_size}")
     transform = build_transforms(height, width, is_train=False)
     return _Loader(
-        ImageDataset(records, transform, on_bad_image=on_bad_image),
+        ImageDataset(records, transform, on_bad_image=on_bad_image, decode_size=(height, width)),
         batch_size=batch_size,
         shuffle=False,
         drop_last=False,
