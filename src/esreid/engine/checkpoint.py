@@ -12,6 +12,11 @@ A run folder (``train.output_dir/run_name``) holds::
 
 The trainer, ``esreid evaluate``/``explain`` and the inference code all go through here;
 nothing else spells these names.
+
+One process at a time trains into a run folder: :meth:`RunFolder.lock` takes an advisory
+lock on ``.<run name>.lock`` beside the folder (outside it, so that ``--overwrite`` clearing
+the folder cannot delete a held lock), and a second ``esreid train`` into the same folder,
+whether new, ``--resume`` or ``--overwrite``, is refused with one line naming the holder.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from esreid import __version__
 from esreid.config import Config, apply_overrides, build_config
+from esreid.locking import FileLock, LockBusyError, lock_path_for
 from esreid.utils import atomic_torch_save
 
 log = logging.getLogger("esreid.checkpoint")
@@ -38,6 +44,10 @@ CHECKPOINT_FORMAT = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, not esreid's or does not fit the model."""
+
+
+class RunBusyError(LockBusyError):
+    """Another process is training into the run folder (one line naming it and the holder)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,21 @@ class RunFolder:
         if self.checkpoints.is_dir():
             found += [f"checkpoints/{p.name}" for p in sorted(self.checkpoints.glob("*.pt"))]
         return found
+
+    @property
+    def lock_file(self) -> Path:
+        """``.<name>.lock`` beside the folder: the lock :meth:`lock` takes."""
+        return lock_path_for(self.path)
+
+    def lock(self) -> FileLock:
+        """Hold the folder for this process until the returned lock is released (or the
+        process ends): one trainer per run folder. Raises :class:`RunBusyError` at once when
+        another process holds it. Holders within one process share it."""
+        try:
+            return FileLock(self.lock_file, f"run folder {self.path}").acquire(timeout=0)
+        except LockBusyError as err:
+            raise RunBusyError(f"{err}: wait for it to finish, or train into another folder "
+                               "with --set train.run_name=NEW") from err
 
     def clear(self) -> None:
         """Delete the whole folder (``--overwrite``), so nothing of the old run survives."""

@@ -170,6 +170,8 @@ class Trainer:
             raise ConfigError(
                 f"config key data.ids_per_batch: the {d.ids_per_batch} identities of a (global) "
                 f"batch must split evenly between the {self.world_size} processes")
+        # One process trains into a run folder at a time (rank 0 holds it for a torchrun job).
+        self._folder_lock = self.folder.lock() if self.is_main else None
         resume_state = None
         if resume is not None and self.is_main:
             # A resumed folder is already a run: its log may record how the checkpoint was
