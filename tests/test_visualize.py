@@ -16,6 +16,7 @@ from esreid.saliency import (
     save_rank_list_figure,
     upsample_saliency,
 )
+from esreid.saliency.visualize import rank_list_legend
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -104,8 +105,9 @@ def test_rank_list_figure_frames_correct_and_wrong_matches(tmp_path):
     path = save_rank_list_figure(tmp_path / "q.png", image, heat, panels, title="query 1")
     with Image.open(path) as png:
         assert png.format == "PNG"
-        # 4 panels of 1.4 in (query + 3 matches) at 100 dpi; image, caption and title strips.
-        assert png.size == (4 * 140, round((1.4 * h / w + 0.45 + 0.3) * 100))
+        # 4 panels of 1.4 in (query + 3 matches) at 100 dpi; image, caption, title and
+        # legend strips (no verdict strip: no panel has a verdict).
+        assert png.size == (4 * 140, round((1.4 * h / w + 0.45 + 0.3 + 0.45) * 100))
         rgb = np.asarray(png.convert("RGB"))
     # Frames: sample the left edge of each panel, half-way down.
     y = round(0.3 * 100 + 1.4 * h / w * 100 / 2)
@@ -116,8 +118,47 @@ def test_rank_list_figure_frames_correct_and_wrong_matches(tmp_path):
     assert any(tuple(px) == (0x1a, 0x96, 0x41) for px in edge(1))  # green: correct
     assert any(tuple(px) == (0xd7, 0x19, 0x1c) for px in edge(2))  # red: wrong
     assert not any(tuple(px) in ((0x1a, 0x96, 0x41), (0xd7, 0x19, 0x1c)) for px in edge(3))
+    assert rank_list_legend(panels) == [
+        ("frame", "#1a9641", "frame: same label as the query"),
+        ("frame", "#d7191c", "frame: another label"),
+        ("frame", "#bbbbbb", "frame: label unknown")]
     with pytest.raises(ValueError, match="at least one match"):
         save_rank_list_figure(tmp_path / "none.png", image, heat, [])
     small = RankPanel(torch.rand(3, 8, 4), torch.zeros(8, 4), "x")
     with pytest.raises(ValueError, match="share one size"):
         save_rank_list_figure(tmp_path / "mixed.png", image, heat, [small])
+
+
+def test_rank_list_figure_shows_label_and_threshold_verdict_with_a_legend(tmp_path):
+    """Issue 20: the frame follows the label, a tag gives the threshold's verdict, and the
+    legend says which is which (esreid search --explain knows the verdict; the frame stays
+    grey when the query has no label)."""
+    h, w = 64, 32
+    image = torch.rand(3, h, w, generator=_gen(4))
+    heat = torch.zeros(h, w)
+    panels = [RankPanel(image, heat, "#1", None, True), RankPanel(image, heat, "#2", True, False),
+              RankPanel(image, heat, "#3", None, None)]
+    legend = rank_list_legend(panels, threshold=0.35)
+    assert legend == [("frame", "#1a9641", "frame: same label as the query"),
+                      ("frame", "#bbbbbb", "frame: label unknown"),
+                      ("tag", "#1a9641", "same: distance \u2264 threshold 0.350"),
+                      ("tag", "#d7191c", "different: distance > threshold 0.350")]
+    path = save_rank_list_figure(tmp_path / "v.png", image, heat, panels, threshold=0.35)
+    with Image.open(path) as png:
+        # Image, verdict, caption and legend strips; no title.
+        assert png.size == (4 * 140, round((1.4 * h / w + 0.2 + 0.45 + 0.45) * 100))
+        rgb = np.asarray(png.convert("RGB")).astype(int)
+    panel_bottom = round(1.4 * h / w * 100)
+    verdict_strip = rgb[panel_bottom + 4:panel_bottom + 20]  # below the 4 px frames
+
+    def reddish(block):
+        return ((block[..., 0] > 150) & (block[..., 1] < 90) & (block[..., 2] < 90)).sum()
+
+    def greenish(block):
+        return ((block[..., 1] > 110) & (block[..., 0] < 90) & (block[..., 2] < 110)).sum()
+    # Panel 1 (index 1) says "same" in green, panel 2 "different" in red, panel 3 nothing.
+    assert greenish(verdict_strip[:, 140:280]) > 0 and reddish(verdict_strip[:, 140:280]) == 0
+    assert reddish(verdict_strip[:, 280:420]) > 0 and greenish(verdict_strip[:, 280:420]) == 0
+    assert greenish(verdict_strip[:, 420:]) == 0 and reddish(verdict_strip[:, 420:]) == 0
+    legend_strip = rgb[-45:]
+    assert greenish(legend_strip) > 0 and reddish(legend_strip) > 0  # the tag markers

@@ -41,23 +41,26 @@ def warn_if_flat(query_map: torch.Tensor | np.ndarray, gallery_map: torch.Tensor
                     "no salient region", " and ".join(flat), query, gallery)
 
 
-def save_rank_list(model: ReIDModel, query: ImageLike, matches: Sequence[tuple[ImageLike, str, bool | None]],
-                   path: Path, title: str = "") -> Path:
+def save_rank_list(model: ReIDModel, query: ImageLike, matches: Sequence[tuple],
+                   path: Path, title: str = "", threshold: float | None = None) -> Path:
     """Draw one query's rank list with CG-RAM overlays (see ``save_rank_list_figure``).
 
-    ``matches`` are ``(gallery image, caption, correct or None)`` in rank order. Each gallery
-    overlay is its map for the (query, match) pair; the query's overlay is its map for the
-    first match. Images are read with the data loaders' reader.
+    ``matches`` are ``(gallery image, caption, correct or None)`` in rank order, optionally
+    with a fourth item, the threshold's verdict (``same``, or None), whose ``threshold``
+    the legend names. Each gallery overlay is its map for the (query, match) pair; the
+    query's overlay is its map for the first match. Images are read with the one image
+    reader (through the model).
     """
     q_image = denormalize(model.preprocess(query)[0], IMAGENET_MEAN, IMAGENET_STD)
     panels, query_map = [], None
-    for image, caption, correct in matches:
+    for image, caption, correct, *verdict in matches:
         q_map, g_map = model.explain(query, image)
         warn_if_flat(q_map, g_map, query, image)
         query_map = q_map if query_map is None else query_map
         g_image = denormalize(model.preprocess(image)[0], IMAGENET_MEAN, IMAGENET_STD)
-        panels.append(RankPanel(g_image, g_map, caption, correct))
-    return save_rank_list_figure(path, q_image, query_map, panels, title=title)
+        panels.append(RankPanel(g_image, g_map, caption, correct, verdict[0] if verdict else None))
+    return save_rank_list_figure(path, q_image, query_map, panels, title=title,
+                                 threshold=threshold)
 
 
 def _load_images(records: Sequence[Record], cfg: Config) -> torch.Tensor:

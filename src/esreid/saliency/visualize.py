@@ -22,7 +22,7 @@ from torch import Tensor
 from esreid.utils import atomic_write
 
 __all__ = ["RankPanel", "denormalize", "overlay_heatmap", "pair_figure_size",
-           "save_pair_figure", "save_rank_list_figure"]
+           "rank_list_legend", "save_pair_figure", "save_rank_list_figure"]
 
 _PANEL_WIDTH_IN = 2.0
 _LABEL_HEIGHT_IN = 0.3
@@ -180,15 +180,39 @@ def save_pair_figure(
 @dataclass
 class RankPanel:
     """One gallery match in a rank-list figure: the image, its CG-RAM map [H, W] in [0, 1],
-    a caption (e.g. rank and distance) and whether it is a correct match (None: unknown)."""
+    a caption (e.g. rank and distance), whether its identity label is the query's
+    (``correct``; None: unknown) and the threshold's verdict (``same``: distance at most
+    the threshold; None: no threshold)."""
 
     image: Tensor | np.ndarray
     saliency: Tensor | np.ndarray
     caption: str
     correct: bool | None = None
+    same: bool | None = None
 
 
 _FRAME_COLORS = {True: "#1a9641", False: "#d7191c", None: "#bbbbbb"}
+_QUERY_COLOR = "#2b83ba"
+_FRAME_MEANING = {True: "frame: same label as the query", False: "frame: another label",
+                  None: "frame: label unknown"}
+_VERDICT_TEXT = {True: "same", False: "different"}
+_LEGEND_HEIGHT_IN = 0.45
+_VERDICT_HEIGHT_IN = 0.2
+
+
+def rank_list_legend(matches: Sequence[RankPanel], threshold: float | None = None
+                     ) -> list[tuple[str, str, str]]:
+    """The legend entries of a rank-list figure, ``(kind, colour, text)`` with kind "frame"
+    or "tag", for what its panels show: each frame colour used, and the verdict tags with
+    the threshold they come from."""
+    entries = [("frame", _FRAME_COLORS[c], _FRAME_MEANING[c])
+               for c in (True, False, None) if any(m.correct is c for m in matches)]
+    bound = "" if threshold is None else f" {threshold:.3f}"
+    for verdict, sign in ((True, "\u2264"), (False, ">")):
+        if any(m.same is verdict for m in matches):
+            entries.append(("tag", _FRAME_COLORS[verdict],
+                            f"{_VERDICT_TEXT[verdict]}: distance {sign} threshold{bound}"))
+    return entries
 
 
 def save_rank_list_figure(
@@ -198,28 +222,39 @@ def save_rank_list_figure(
     matches: Sequence[RankPanel],
     title: str = "",
     query_caption: str = "query",
+    threshold: float | None = None,
 ) -> Path:
     """Save one PNG row: the query, then its ranked gallery matches, each with its CG-RAM
-    overlay and caption; a match's frame is green when correct, red when wrong, grey when
-    unknown. Images share one size (H x W); written atomically. Returns the path."""
+    overlay and caption. Two things are shown for each match, and a legend under the row
+    says which is which: the frame colour follows the identity label (green: the query's
+    label, red: another label, grey: unknown), and a "same"/"different" tag under the image
+    gives the verdict of the distance ``threshold`` (green / red; no tag without one).
+    Images share one size (H x W); written atomically. Returns the path."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     path = Path(path)
     if not matches:
         raise ValueError("a rank list needs at least one match")
-    panels = [(query_caption, overlay_heatmap(query_image, query_map), "#2b83ba")]
-    panels += [(m.caption, overlay_heatmap(m.image, m.saliency), _FRAME_COLORS[m.correct])
+    panels = [(query_caption, overlay_heatmap(query_image, query_map), _QUERY_COLOR, None)]
+    panels += [(m.caption, overlay_heatmap(m.image, m.saliency), _FRAME_COLORS[m.correct], m.same)
                for m in matches]
     height, width = panels[0][1].shape[:2]
     if any(p[1].shape[:2] != (height, width) for p in panels):
         raise ValueError("the query and gallery images of a rank list must share one size")
+    legend = rank_list_legend(matches, threshold)
     panel_w = 1.4
     panel_h = panel_w * height / width
     caption_h = 0.45
+    verdict_h = _VERDICT_HEIGHT_IN if any(m.same is not None for m in matches) else 0.0
     title_h = _TITLE_HEIGHT_IN if title else 0.0
-    fig_w, fig_h = panel_w * len(panels), panel_h + caption_h + title_h
+    legend_h = _LEGEND_HEIGHT_IN if legend else 0.0
+    fig_w = panel_w * len(panels)
+    fig_h = panel_h + verdict_h + caption_h + title_h + legend_h
     figure = Figure(figsize=(fig_w, fig_h), dpi=_DPI)
     FigureCanvasAgg(figure)
-    bottom = caption_h / fig_h
-    for index, (caption, picture, color) in enumerate(panels):
+    bottom = (legend_h + caption_h + verdict_h) / fig_h
+    for index, (caption, picture, color, verdict) in enumerate(panels):
         left = index / len(panels)
         axes = figure.add_axes((left + 0.04 / len(panels), bottom, 0.92 / len(panels),
                                 panel_h / fig_h))
@@ -229,8 +264,21 @@ def save_rank_list_figure(
         for spine in axes.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(4 if color != _FRAME_COLORS[None] else 1)
-        figure.text(left + 0.5 / len(panels), bottom - 0.02, caption, ha="center", va="top",
+        centre = left + 0.5 / len(panels)
+        if verdict is not None:
+            figure.text(centre, bottom - 0.06 / fig_h, _VERDICT_TEXT[verdict], ha="center",
+                        va="top", fontsize=7, fontweight="bold", color=_FRAME_COLORS[verdict])
+        figure.text(centre, bottom - verdict_h / fig_h - 0.02, caption, ha="center", va="top",
                     fontsize=7, wrap=True)
+    if legend:
+        handles = [Patch(facecolor="none", edgecolor=colour, linewidth=2.5, label=text)
+                   if kind == "frame" else
+                   Line2D([], [], linestyle="none", marker="s", markersize=6, color=colour,
+                          label=text)
+                   for kind, colour, text in legend]
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3),
+                      fontsize=6, frameon=False, bbox_to_anchor=(0.5, 0.0),
+                      handlelength=1.4, columnspacing=1.0)
     if title:
         figure.suptitle(title, y=1.0, va="top", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
