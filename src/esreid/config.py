@@ -32,6 +32,11 @@ AMP_MODES = ("none", "fp16", "bf16")
 POOLINGS = ("gap", "gmp", "ppool", "gem")
 #: Values of ``loss.triplet_kind``.
 TRIPLET_KINDS = ("hard", "weighted")
+#: Values of ``model.backbone`` (the names ``models.backbone.build_resnet`` builds; checked
+#: here so that a typo stops a run before its data is read or generated).
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
+#: Values of ``model.pretrained`` besides the path of a weight file.
+PRETRAINED_SOURCES = ("imagenet", "none")
 
 
 class ConfigError(ValueError):
@@ -406,6 +411,7 @@ def validate(cfg: Config) -> None:
             interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
             raise ConfigError(f"config key {key}: {value} is outside {interval}")
 
+    choice("model.backbone", cfg.model.backbone, BACKBONES)
     choice("model.aib_pool", cfg.model.aib_pool, POOLINGS)
     choice("model.esb_pool", cfg.model.esb_pool, POOLINGS)
     choice("loss.triplet_kind", cfg.loss.triplet_kind, TRIPLET_KINDS)
@@ -505,8 +511,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = out.setdefault(section, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {text!r}: {section} is not a section")
+        if (section, key) == ("model", "pretrained"):
+            _check_pretrained_override(value)
         node[key] = value
     return out
+
+
+def _check_pretrained_override(value: Any) -> None:
+    """A ``--set model.pretrained=`` value that is neither a source name nor shaped like a
+    path (no folder, no extension: "imagnet") is a typo, refused before any data is read.
+    Whether a path exists is checked when the model is built (a saved config's paths may
+    point elsewhere by then)."""
+    if value is None or str(value) in PRETRAINED_SOURCES:
+        return
+    text = str(value)
+    if "/" not in text and os.sep not in text and not os.path.splitext(text)[1] \
+            and not Path(text).is_file():
+        raise ConfigError(f"config key model.pretrained: {text!r} is neither "
+                          f"{' nor '.join(PRETRAINED_SOURCES)} nor the path of a weight file")
 
 
 def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
