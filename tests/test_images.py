@@ -56,10 +56,13 @@ def test_exif_orientation_gives_the_upright_picture(tmp_path, orientation):
     upright = _upright()
     path = _with_orientation(tmp_path / f"o{orientation}.png", STORED[orientation](upright),
                              orientation)
-    assert np.array_equal(np.asarray(read_rgb(str(path))), upright)
-    # An already opened PIL image (ReIDModel.preprocess takes those) is turned the same way.
+    got = read_rgb(str(path))
+    assert np.array_equal(np.asarray(got), upright)
+    # An already opened PIL image (ReIDModel.preprocess takes those) is turned the same way,
+    # and an image the reader returned is upright for good: reading it again changes nothing.
     with Image.open(path) as opened:
         assert np.array_equal(np.asarray(prepare_image(opened)), upright)
+    assert np.array_equal(np.asarray(prepare_image(got)), upright)
 
 
 def test_exif_orientation_of_a_jpeg_phone_photo(tmp_path):

@@ -88,6 +88,8 @@ _TRANSPOSE = {
     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
 }
+#: Metadata that can carry an orientation (Pillow's getexif reads XMP's tiff:Orientation too).
+_ORIENTATION_CARRIERS = {"exif", "xmp", "XML:com.adobe.xmp"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _CONVERTIBLE = {"RGB", "RGBX", "CMYK", "YCbCr", "HSV"}
@@ -347,6 +349,9 @@ def _finish(image: Image.Image, factor: int, orientation: int, name: str) -> Ima
     if orientation != 1:
         # From the tag read before decoding: converted copies no longer carry the EXIF block.
         image = image.transpose(_TRANSPOSE[orientation])
+        # The copy keeps the source's metadata; without its orientation tag, reading the
+        # upright result again (a PIL image handed on to ReIDModel) cannot turn it twice.
+        image.info = {k: v for k, v in image.info.items() if k not in _ORIENTATION_CARRIERS}
     return image
 
 
