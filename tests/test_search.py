@@ -24,6 +24,7 @@ from esreid.search import (
     labels_from_folders,
     list_images,
     recall_at_k,
+    scan_images,
     threshold_from_results,
 )
 from esreid.search import index as index_module
@@ -453,6 +454,26 @@ def test_list_images_is_recursive_sorted_and_case_insensitive(tmp_path):
         list_images(files["top"])
 
 
+def test_extensionless_images_are_found_and_dangling_links_reported(tmp_path):
+    """The README's "any names": an image without an extension (or with an unknown one) is
+    recognised by its header; a dangling link and a non-image are reported, not dropped."""
+    gallery = tmp_path / "g"
+    plain = png(gallery / "ann" / "IMG_0001", (200, 0, 0))
+    odd = png(gallery / "ann" / "shot.jfif_copy", (0, 200, 0))
+    (gallery / "ann" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (gallery / "ann" / "linked.png").symlink_to(plain)
+    (gallery / "ann" / "notes").write_text("hello")
+    scan = scan_images(gallery)
+    assert scan.images == [plain, gallery / "ann" / "linked.png", odd]
+    assert scan.skipped == [
+        (str(gallery / "ann" / "gone.jpg"), f"dangling symbolic link to {tmp_path / 'nowhere.jpg'}"),
+        (str(gallery / "ann" / "notes"), "not an image file"),
+    ]
+    index, failed = build_index(FakeModel(), gallery, progress=False)
+    assert index.count == 3 and set(index.labels) == {"ann"}
+    assert [p for p, _ in failed] == [str(gallery / "ann" / "gone.jpg"), str(gallery / "ann" / "notes")]
+
+
 def test_labels_from_folders(tmp_path):
     files = image_tree(tmp_path)
     paths = list_images(tmp_path)
@@ -527,8 +548,12 @@ def test_build_index_lists_unreadable_images_and_labels_from_folders(tmp_path):
     model = FakeModel()
     index, failed = build_index(model, tmp_path / "gallery", threshold=0.1,
                                 threshold_source={"fpr": 0.01}, progress=False)
-    assert [p for p, _ in failed] == [str(files["broken"])]
-    assert "cannot read image" in failed[0][1]
+    # Non-images are reported too (README, notes.txt), each once, then the unreadable image.
+    gallery = tmp_path / "gallery"
+    assert failed == [(str(gallery / "README"), "not an image file"),
+                      (str(gallery / "alice smith" / "notes.txt"), "not an image file"),
+                      (str(files["broken"]), failed[2][1])]
+    assert failed[2][1].startswith(f"cannot read image {files['broken']}: ")
     assert index.paths == [str(files[k]) for k in ("alice1", "alice2", "bob", "cam", "top")]
     assert all(Path(p).is_absolute() for p in index.paths)
     assert index.labels == ["alice smith", "alice smith", "bøb ☃", "cam 1/carol", None]
@@ -565,7 +590,9 @@ def test_add_to_index_embeds_only_new_images_and_refuses_another_model(tmp_path)
     model = FakeModel()
     failed = add_to_index(index, model, gallery, progress=False)
     # Images it holds are not embedded again; the one that failed is tried again.
-    assert model.calls == [[str(broken), str(new)]] and [p for p, _ in failed] == [str(broken)]
+    assert model.calls == [[str(broken), str(new)]]
+    assert [p for p, _ in failed] == [str(gallery / "README"),
+                                      str(gallery / "alice smith" / "notes.txt"), str(broken)]
     assert index.count == 6 and index.paths[-1] == str(new) and index.labels[-1] == "dave"
     with pytest.raises(IndexMismatchError, match="fake-1.*fake-2"):
         add_to_index(index, FakeModel("fake-2"), gallery)
@@ -669,3 +696,101 @@ def test_features_added_in_pieces_of_every_size(tmp_path, monkeypatch, kind):
     np.testing.assert_array_equal(loaded.features, g)
     np.testing.assert_array_equal(index.features, g)
     np.testing.assert_array_equal(index.search_arrays(q, 15)[0], want_idx)
+
+
+# -- stored paths, several writers (issue 20) ------------------------------------------------
+
+def test_relative_paths_are_relative_to_the_index_file(tmp_path, monkeypatch):
+    folder = tmp_path / "site"
+    index = GalleryIndex.create("m", "euclidean", 3, "numpy")
+    index.add(np.eye(3, dtype=np.float32), ["/abs/a.png", "g.uploads/b.png", "sub/c.png"])
+    saved = index.save(folder / "g.index")
+    elsewhere = tmp_path / "somewhere else"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory never matters
+    loaded = GalleryIndex.load(saved)
+    assert loaded.paths == ["/abs/a.png", "g.uploads/b.png", "sub/c.png"]  # as stored
+    assert [loaded.file_path(i) for i in range(3)] == [
+        "/abs/a.png", str(folder / "g.uploads" / "b.png"), str(folder / "sub" / "c.png")]
+    assert [m.path for m in loaded.search(np.eye(3, dtype=np.float32)[1], top_k=1)[0]] == [
+        str(folder / "g.uploads" / "b.png")]
+    # Moved with its folder, the index still finds the files beside it.
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    assert GalleryIndex.load(moved / "g.index").file_path(1) == str(moved / "g.uploads" / "b.png")
+    # Saved into another folder, relative paths become absolute: they name the same files.
+    copy = GalleryIndex.load(moved / "g.index")
+    copy.save(tmp_path / "other" / "copy.index")
+    assert GalleryIndex.load(tmp_path / "other" / "copy.index").paths == [
+        "/abs/a.png", str(moved / "g.uploads" / "b.png"), str(moved / "sub" / "c.png")]
+
+
+def test_changed_on_disk_follows_saves_by_others(tmp_path):
+    path = saved_index(tmp_path)
+    mine, theirs = GalleryIndex.load(path), GalleryIndex.load(path)
+    assert not mine.changed_on_disk()
+    theirs.add(np.ones((1, 8), np.float32), ["x.jpg"])
+    theirs.save()
+    assert mine.changed_on_disk() and not theirs.changed_on_disk()
+    path.unlink()
+    assert theirs.changed_on_disk()
+
+
+def test_update_index_file_rereads_what_another_writer_saved(tmp_path):
+    from esreid.search import update_index_file
+
+    path = saved_index(tmp_path)
+    base = GalleryIndex.load(path)
+    # Unchanged on disk: the loaded index itself is updated (no second read).
+    index, added = update_index_file(path, lambda ix: ix.add(np.ones((1, 8), np.float32), ["a.jpg"]),
+                                     base=base)
+    assert index is base and index.count == 51 and not base.changed_on_disk()
+    # Another writer saves meanwhile: the next update starts from the file, not from base.
+    other = GalleryIndex.load(path)
+    other.add(np.full((1, 8), 2, np.float32), ["b.jpg"])
+    other.save()
+    index, _ = update_index_file(path, lambda ix: ix.add(np.full((1, 8), 3, np.float32), ["c.jpg"]),
+                                 base=base)
+    assert index is not base and index.paths[-3:] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert GalleryIndex.load(path).paths == index.paths
+    # A change that fails saves nothing.
+    before = path.read_bytes()
+
+    def fail(ix):
+        ix.add(np.ones((1, 8), np.float32), ["d.jpg"])
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        update_index_file(path, fail)
+    assert path.read_bytes() == before
+
+
+def test_add_to_index_file_keeps_what_was_added_while_it_embedded(tmp_path):
+    """The read-modify-write of `esreid index add`: an addition saved by another writer
+    while this one embeds is kept, and an image both add is stored once."""
+    from esreid.search import add_to_index_file
+
+    gallery = tmp_path / "gallery"
+    png(gallery / "ann" / "1.png", (200, 0, 0))
+    index, _ = build_index(FakeModel(), gallery, progress=False)
+    path = index.save(tmp_path / "g.index")
+    more = tmp_path / "more"
+    shared = png(more / "bob" / "1.png", (0, 200, 0))
+    own = png(more / "bob" / "2.png", (0, 0, 200))
+
+    class Racing(FakeModel):
+        def embed_files(self, paths, progress=None):
+            result = super().embed_files(paths, progress)
+            other = GalleryIndex.load(path)  # another process adds, and saves, meanwhile
+            other.add(np.full((2, 3), 0.5, np.float32), [str(shared), str(tmp_path / "c.png")],
+                      ["bob", "cy"])
+            other.save()
+            return result
+
+    saved, added, failed = add_to_index_file(path, Racing(), more, progress=False)
+    assert added == 1 and failed == []
+    final = GalleryIndex.load(path)
+    assert final.paths == [str(gallery / "ann" / "1.png"), str(shared), str(tmp_path / "c.png"),
+                           str(own)]
+    assert final.labels == ["ann", "bob", "cy", "bob"]
+    assert saved.paths == final.paths

@@ -9,15 +9,23 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from esreid.search.index import GalleryIndex, IndexMismatchError
+from PIL import Image
+
+from esreid.search.index import (
+    DEFAULT_WAIT_SECONDS,
+    GalleryIndex,
+    IndexMismatchError,
+    update_index_file,
+)
 
 logger = logging.getLogger("esreid")
 
-#: File name endings (compared case-insensitively) taken as images.
+#: File name endings (compared case-insensitively) taken as images without looking inside.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff",
                               ".gif", ".ppm", ".pgm"})
 
@@ -48,26 +56,64 @@ def _folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Every image file under ``folder``, recursively, sorted by path components.
+@dataclass
+class ImageScan:
+    """What :func:`scan_images` found under a folder: the ``images`` (sorted) and the
+    ``skipped`` files with the reason, ``(path, reason)``: dangling symbolic links, and files
+    that are neither named nor shaped like an image."""
 
-    Images are recognised by their extension (:data:`IMAGE_EXTENSIONS`, any case); names may
-    hold spaces or any Unicode. Symbolic links to folders are not followed (they could make
-    a cycle); a sub-folder that cannot be read is logged and skipped.
+    images: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _looks_like_an_image(path: Path) -> bool:
+    """Whether Pillow recognises the file's header (reads a few bytes, decodes nothing)."""
+    try:
+        with Image.open(path) as probe:
+            return bool(probe.format)
+    except Exception:  # any file at all may be probed: every failure means "not an image"
+        return False
+
+
+def scan_images(folder: str | os.PathLike) -> ImageScan:
+    """Every image file under ``folder``, recursively, sorted by path components, and the
+    files left out with their reason.
+
+    A file whose name ends in one of :data:`IMAGE_EXTENSIONS` (any case) is an image
+    (decoding problems are found when it is read); any other file, without an extension
+    too, is an image when its header is one Pillow knows. Names may hold spaces or any
+    Unicode. Symbolic links to files are followed; a dangling link is reported, never taken
+    silently; links to folders are not followed (they could make a cycle). A sub-folder
+    that cannot be read is logged and skipped.
     """
     root = _folder(folder)
 
     def unreadable(err: OSError) -> None:
         logger.warning("skipping unreadable folder %s: %s", err.filename, err.strerror)
 
-    found = []
+    scan = ImageScan()
     for dirpath, _, filenames in os.walk(root, onerror=unreadable):
         for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                path = Path(dirpath, name)
-                if path.is_file():
-                    found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
+            path = Path(dirpath, name)
+            if not path.exists():
+                target = os.readlink(path) if path.is_symlink() else "?"
+                scan.skipped.append((str(path), f"dangling symbolic link to {target}"))
+                continue
+            if not path.is_file():
+                scan.skipped.append((str(path), "not a regular file"))
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or _looks_like_an_image(path):
+                scan.images.append(path)
+            else:
+                scan.skipped.append((str(path), "not an image file"))
+    scan.images.sort(key=lambda p: p.relative_to(root).parts)
+    scan.skipped.sort()
+    return scan
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The images :func:`scan_images` finds under ``folder`` (without the skipped files)."""
+    return scan_images(folder).images
 
 
 def labels_from_folders(paths: Iterable[str | os.PathLike], root: str | os.PathLike
@@ -162,14 +208,31 @@ def _check_model(index: GalleryIndex, model: Embedder) -> None:
             f"makes {model.descriptor_dim}-d {model.metric} ones")
 
 
-def _embed_into(index: GalleryIndex, model: Embedder, images: list[Path],
-                labels: list[str | None], progress: bool) -> list[tuple[str, str]]:
+@dataclass
+class Embedded:
+    """Descriptors of some images, ready to be added to an index (see :func:`embed_images`)."""
+
+    features: Any
+    paths: list[str]
+    labels: list[str | None]
+    failed: list[tuple[str, str]]
+
+
+def embed_images(model: Embedder, images: list[Path], labels: list[str | None],
+                 progress: bool) -> Embedded:
+    """Embed ``images``; those that cannot be read are returned in ``failed`` (each once,
+    with its reason; reporting them is the caller's job)."""
     features, kept, failed = model.embed_files(images, progress=progress)
     label_of = {str(p): label for p, label in zip(images, labels, strict=True)}
-    index.add(features, kept, [label_of[str(p)] for p in kept], model_id=model.identity)
-    for path, reason in failed:
-        logger.warning("skipped %s: %s", path, reason)
-    return failed
+    return Embedded(features, [str(p) for p in kept], [label_of[str(p)] for p in kept],
+                    list(failed))
+
+
+def _embed_into(index: GalleryIndex, model: Embedder, images: list[Path],
+                labels: list[str | None], progress: bool) -> list[tuple[str, str]]:
+    done = embed_images(model, images, labels, progress)
+    index.add(done.features, done.paths, done.labels, model_id=model.identity)
+    return done.failed
 
 
 def build_index(model: Embedder, images_dir: str | os.PathLike,
@@ -181,40 +244,102 @@ def build_index(model: Embedder, images_dir: str | os.PathLike,
     a new index; returns ``(index, failed)``, ``failed`` listing ``(path, reason)`` for the
     images that could not be read (skipped, never fatal).
 
-    Paths are stored absolute. Labels come from ``labels_csv`` (see :func:`labels_from_csv`)
-    or else from sub-folder names (:func:`labels_from_folders`). ``ann_params`` (``nlist``,
-    ``nprobe``) configure ``kind="ivf"``.
+    ``failed`` also lists the files under the folder that were left out without being read
+    (dangling links, files that are not images; see :func:`scan_images`). Paths are stored
+    absolute. Labels come from ``labels_csv`` (see :func:`labels_from_csv`) or else from
+    sub-folder names (:func:`labels_from_folders`). ``ann_params`` (``nlist``, ``nprobe``)
+    configure ``kind="ivf"``.
     """
     folder = _folder(images_dir).absolute()
-    images = list_images(folder)
-    if not images:
+    scan = scan_images(folder)
+    if not scan.images:
         raise ValueError(f"no images found under {folder} (looked for "
-                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
-    labels = _labels_for(images, folder, labels_csv)
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case, and any file "
+                         "an image format recognises)")
+    labels = _labels_for(scan.images, folder, labels_csv)
     index = GalleryIndex.create(model.identity, model.metric, int(model.descriptor_dim), kind,
                                 **ann_params)
     index.set_threshold(threshold, threshold_source)
-    failed = _embed_into(index, model, images, labels, progress)
-    return index, failed
+    failed = _embed_into(index, model, scan.images, labels, progress)
+    return index, scan.skipped + failed
+
+
+def _new_images(index: GalleryIndex, images_dir: str | os.PathLike,
+                labels_csv: str | os.PathLike | None) -> tuple[list[Path], list[str | None],
+                                                             list[tuple[str, str]]]:
+    """The images under ``images_dir`` that ``index`` does not hold, their labels, and the
+    files skipped by the scan."""
+    folder = _folder(images_dir).absolute()
+    scan = scan_images(folder)
+    labels = _labels_for(scan.images, folder, labels_csv)
+    held = _held_paths(index)
+    new = [(p, label) for p, label in zip(scan.images, labels, strict=True)
+           if os.path.normpath(p) not in held]
+    if len(new) < len(scan.images):
+        logger.info("%d image(s) under %s are already in the index", len(scan.images) - len(new),
+                    folder)
+    return [p for p, _ in new], [label for _, label in new], scan.skipped
+
+
+def _held_paths(index: GalleryIndex) -> set[str]:
+    return {os.path.normpath(index.file_path(i)) for i in range(index.count)}
 
 
 def add_to_index(index: GalleryIndex, model: Embedder, images_dir: str | os.PathLike,
                  labels_csv: str | os.PathLike | None = None, progress: bool = True
                  ) -> list[tuple[str, str]]:
-    """Embed the images under ``images_dir`` that ``index`` does not hold yet and add them;
-    returns the ``(path, reason)`` of those that could not be read. The model must be the
-    one that built the index (:class:`IndexMismatchError` otherwise)."""
+    """Embed the images under ``images_dir`` that ``index`` does not hold yet and add them
+    (in memory); returns the ``(path, reason)`` of the files left out (unreadable images,
+    dangling links, non-images). The model must be the one that built the index
+    (:class:`IndexMismatchError` otherwise). :func:`add_to_index_file` does the same to an
+    index file that other processes may be writing."""
     _check_model(index, model)
-    folder = _folder(images_dir).absolute()
-    images = list_images(folder)
-    labels = _labels_for(images, folder, labels_csv)
-    held = set(index.paths)
-    new = [(p, label) for p, label in zip(images, labels, strict=True) if str(p) not in held]
-    if len(new) < len(images):
-        logger.info("%d image(s) under %s are already in the index", len(images) - len(new), folder)
-    if not new:
-        return []
-    return _embed_into(index, model, [p for p, _ in new], [label for _, label in new], progress)
+    images, labels, skipped = _new_images(index, images_dir, labels_csv)
+    if not images:
+        return skipped
+    return skipped + _embed_into(index, model, images, labels, progress)
+
+
+def add_to_index_file(path: str | os.PathLike | GalleryIndex, model: Embedder,
+                      images_dir: str | os.PathLike,
+                      labels_csv: str | os.PathLike | None = None, progress: bool = True,
+                      timeout: float | None = DEFAULT_WAIT_SECONDS,
+                      on_wait: Callable[[str], None] | None = None
+                      ) -> tuple[GalleryIndex, int, list[tuple[str, str]]]:
+    """Add the images under ``images_dir`` to the index file at ``path``, safely while other
+    processes (another ``esreid index add``, ``esreid serve``) write it too.
+
+    The images the file does not hold are embedded first, without the lock; then, holding
+    the index's lock, the file is read as it is now, the images another writer added
+    meanwhile are dropped, the rest is added and the file saved (see
+    :func:`esreid.search.update_index_file`; ``timeout`` and ``on_wait`` are its). ``path``
+    may also be an index just loaded from the file, which then is not read again unless
+    another process changed it. Returns ``(index as saved, images added, files left out
+    with their reason)``.
+    """
+    snapshot = path if isinstance(path, GalleryIndex) else GalleryIndex.load(path)
+    if snapshot.source is None:
+        raise ValueError("add_to_index_file needs an index that was loaded from a file")
+    path = snapshot.source
+    _check_model(snapshot, model)
+    images, labels, skipped = _new_images(snapshot, images_dir, labels_csv)
+    done = embed_images(model, images, labels, progress) if images else None
+
+    def add(index: GalleryIndex) -> int:
+        _check_model(index, model)  # the file may have been rebuilt by another model
+        if done is None or not done.paths:
+            return 0
+        held = _held_paths(index)
+        keep = [i for i, p in enumerate(done.paths) if os.path.normpath(p) not in held]
+        if keep:
+            index.add(done.features[keep], [done.paths[i] for i in keep],
+                      [done.labels[i] for i in keep], model_id=model.identity)
+        return len(keep)
+
+    if done is None or not done.paths:
+        return snapshot, 0, skipped + (done.failed if done else [])
+    index, added = update_index_file(path, add, base=snapshot, timeout=timeout, on_wait=on_wait)
+    return index, added, skipped + done.failed
 
 
 #: The results file a run folder holds (esreid.metrics.report.RESULTS_NAME; not imported

@@ -30,6 +30,17 @@ File format (version 1): a zip archive, members stored uncompressed, written ato
 lists), ``features.npy`` (float32 ``[count, dim]``, ``.npy`` format) and, for ``ivf``,
 ``faiss.index`` (``faiss.serialize_index``). The zip's CRC-32s catch damaged members. A flat
 index's faiss structure is rebuilt from the features on load rather than stored twice.
+
+Paths in ``paths.json`` are absolute, or relative to the folder of the index file (never to
+the working directory): ``esreid serve`` stores uploaded images as
+``<index name>.uploads/<id>.png``, so an index and its uploads folder can be moved together.
+:meth:`GalleryIndex.file_path` (and every :class:`Match`) gives the path to open.
+
+Several processes may share one index file. Writers take the index's lock file
+(:func:`index_lock`, ``.<index name>.lock`` beside it) for their read-modify-write
+(:func:`update_index_file`); readers need no lock, since every save is a rename and
+:meth:`GalleryIndex.load` reads one file, the old or the new. :meth:`GalleryIndex.changed_on_disk`
+tells a long-lived reader (the server) that another process saved a new version.
 """
 
 from __future__ import annotations
@@ -37,15 +48,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from esreid.locking import FileLock, LockBusyError, lock_path_for
 from esreid.search.exact import (
     CHUNK_ROWS,
     METRICS,
@@ -89,6 +103,10 @@ BLOCK_BYTES = 1 << 30
 #: The numpy scan handles at most this many query x gallery scores (float64) at once.
 SCAN_BLOCK_SCORES = 1 << 24
 _WRITE_BLOCK_BYTES = 64 << 20
+#: How long a writer waits for another process's write of the same index, by default.
+DEFAULT_WAIT_SECONDS = 300.0
+
+T = TypeVar("T")
 
 
 class IndexMismatchError(ValueError):
@@ -168,7 +186,9 @@ class GalleryIndex:
     is the same identity when its distance is at most the threshold) and where that came
     from (``threshold_source``), and the search structure of the given ``kind``.
 
-    ``source`` is the file the index was loaded from or last saved to (None before).
+    ``source`` is the file the index was loaded from or last saved to (absolute; None
+    before). ``paths`` hold what the file stores (absolute, or relative to the index's
+    folder); :meth:`file_path` resolves them.
     """
 
     def __init__(self, model_id: str, metric: str, dim: int, kind: str = "flat", *,
@@ -195,6 +215,9 @@ class GalleryIndex:
         self.model_path: str | None = None
         self.created = self.updated = _now()
         self.source: Path | None = None
+        # (device, inode, size, mtime) of the file as loaded or saved: a save by another
+        # process renames a new file into place, which changes the inode.
+        self.signature: tuple[int, int, int, int] | None = None
         # Features live in row blocks of up to BLOCK_BYTES (a batch that large gets a block
         # of its own), the last one with room to grow: adding never copies what the index
         # already holds, and scans see few large blocks (BLAS is slow on many small ones).
@@ -280,6 +303,25 @@ class GalleryIndex:
         if self._structure is not None:
             self._structure.nprobe = min(self._nprobe, self.nlist)
 
+    def file_path(self, i: int) -> str:
+        """The path to open for gallery item ``i``: its stored path, resolved against the
+        index file's folder when relative."""
+        return self.resolve_path(self.paths[i])
+
+    def resolve_path(self, stored: str) -> str:
+        """``stored`` as a path to open: unchanged when absolute (or before the index has a
+        file), else joined to the folder of :attr:`source`."""
+        if os.path.isabs(stored) or self.source is None:
+            return stored
+        return os.path.normpath(os.path.join(self.source.parent, stored))
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file at :attr:`source` is no longer the one this index was loaded
+        from or last saved as (another process saved, replaced or deleted it)."""
+        if self.source is None:
+            return False
+        return file_signature(self.source) != self.signature
+
     def _where(self) -> str:
         return f"index {self.source}" if self.source is not None else "the in-memory index"
 
@@ -321,8 +363,9 @@ class GalleryIndex:
     def add(self, features: Any, paths: list[str], labels: list[str | None] | None = None,
             model_id: str | None = None) -> None:
         """Append descriptors ``[N, D]`` (copied) with their ``paths`` and ``labels``
-        (default: all None). ``model_id``, when given, must be the index's model. The first
-        batch added to an ``ivf`` index trains its lists."""
+        (default: all None). A path is absolute or relative to the index file's folder
+        (see the module docstring). ``model_id``, when given, must be the index's model. The
+        first batch added to an ``ivf`` index trains its lists."""
         self.check_model(model_id, "the added images")
         x = self._as_rows(features, "the added features")
         paths = [os.fspath(p) for p in paths]
@@ -446,7 +489,7 @@ class GalleryIndex:
                 if i < 0:
                     break
                 same = None if self._threshold is None else bool(d <= self._threshold)
-                matches.append(Match(self.paths[i], float(d), rank, same, self.labels[i], i))
+                matches.append(Match(self.file_path(i), float(d), rank, same, self.labels[i], i))
             out.append(matches)
         return out
 
@@ -546,7 +589,12 @@ class GalleryIndex:
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the index to ``path`` (default: :attr:`source`) as one file, atomically: a
-        crash mid-write leaves the previous file as it was. Returns the path."""
+        crash mid-write leaves the previous file as it was. Returns the (absolute) path.
+
+        Saved into another folder than :attr:`source`'s, relative paths are stored absolute
+        so they still name the same files. This does not lock: writers that other processes
+        may race with use :func:`update_index_file`.
+        """
         if path is None:
             if self.source is None:
                 raise ValueError("save() needs a path for an index that was never saved")
@@ -554,7 +602,9 @@ class GalleryIndex:
         # Imported here: esreid.utils imports torch, which loading and searching never need.
         from esreid.utils import atomic_write
 
-        path = Path(os.path.expandvars(os.fspath(path))).expanduser()
+        path = Path(os.path.expandvars(os.fspath(path))).expanduser().absolute()
+        if self.source is not None and path.parent != self.source.parent:
+            self.paths = [self.resolve_path(p) for p in self.paths]
         meta = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id,
             "metric": self.metric, "dim": self.dim, "count": self._count, "kind": self.kind,
@@ -579,6 +629,7 @@ class GalleryIndex:
 
         atomic_write(path, write)
         self.source = path
+        self.signature = file_signature(path)
         return path
 
     @classmethod
@@ -586,37 +637,47 @@ class GalleryIndex:
         """Read an index written by :meth:`save`. Raises FileNotFoundError, or
         :class:`IndexFileError` (one line naming the file) for a file that is not an index
         or is damaged."""
-        path = Path(os.path.expandvars(os.fspath(path))).expanduser()
+        path = Path(os.path.expandvars(os.fspath(path))).expanduser().absolute()
         if not path.exists():
             raise FileNotFoundError(f"index file not found: {path}")
         if path.is_dir():
             raise IndexFileError(f"{path}: is a folder, not a gallery index file")
         try:
-            with open(path, "rb") as f:
-                head = f.read(30 + len(META_MEMBER))
+            # One open file for everything: a save renaming a new file into place meanwhile
+            # cannot mix two versions.
+            f = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise IndexFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-        # save() writes the metadata member first, so its local header opens every index.
-        ours = head[:4] == b"PK\x03\x04" and head[30:] == META_MEMBER.encode()
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            if ours:
-                raise IndexFileError(f"{path}: damaged gallery index (truncated or corrupt: "
-                                     f"{_one_line(exc)}); rebuild it or restore a copy") from exc
-            raise IndexFileError(f"{path}: not an esreid gallery index (not a zip archive)") from exc
-        with zf:
-            if META_MEMBER not in zf.namelist():
-                raise IndexFileError(f"{path}: not an esreid gallery index (a zip archive "
-                                     f"without {META_MEMBER})")
+        with f:
             try:
-                return cls._read(zf, path)
-            except IndexFileError:
-                raise
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError,
-                    UnicodeDecodeError, RuntimeError) as exc:
-                raise IndexFileError(f"{path}: damaged gallery index ({_one_line(exc)}); "
-                                     "rebuild it or restore a copy") from exc
+                signature = _signature(os.fstat(f.fileno()))
+                head = f.read(30 + len(META_MEMBER))
+                f.seek(0)
+            except OSError as exc:
+                raise IndexFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+            # save() writes the metadata member first, so its local header opens every index.
+            ours = head[:4] == b"PK\x03\x04" and head[30:] == META_MEMBER.encode()
+            try:
+                zf = zipfile.ZipFile(f)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                if ours:
+                    raise IndexFileError(f"{path}: damaged gallery index (truncated or corrupt: "
+                                         f"{_one_line(exc)}); rebuild it or restore a copy") from exc
+                raise IndexFileError(f"{path}: not an esreid gallery index (not a zip archive)") from exc
+            with zf:
+                if META_MEMBER not in zf.namelist():
+                    raise IndexFileError(f"{path}: not an esreid gallery index (a zip archive "
+                                         f"without {META_MEMBER})")
+                try:
+                    index = cls._read(zf, path)
+                except IndexFileError:
+                    raise
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError,
+                        UnicodeDecodeError, RuntimeError) as exc:
+                    raise IndexFileError(f"{path}: damaged gallery index ({_one_line(exc)}); "
+                                         "rebuild it or restore a copy") from exc
+        index.signature = signature
+        return index
 
     @classmethod
     def _read(cls, zf: zipfile.ZipFile, path: Path) -> GalleryIndex:
@@ -720,6 +781,64 @@ class GalleryIndex:
             "file": None if self.source is None else str(self.source), "file_size": size,
             "created": self.created, "updated": self.updated, "format_version": FORMAT_VERSION,
         }
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_signature(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of the file at ``path``, or None when there is none."""
+    try:
+        return _signature(os.stat(path))
+    except OSError:
+        return None
+
+
+def index_lock(path: str | os.PathLike) -> FileLock:
+    """The lock that writers of the index file at ``path`` take (``.<name>.lock`` beside it)."""
+    return FileLock(lock_path_for(path), f"index {Path(path).expanduser().absolute()}")
+
+
+# Threads of one process share the file lock (it is per process), so they also take this.
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path: Path) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(str(lock_path_for(path)), threading.Lock())
+
+
+def update_index_file(path: str | os.PathLike, change: Callable[[GalleryIndex], T], *,
+                      base: GalleryIndex | None = None,
+                      timeout: float | None = DEFAULT_WAIT_SECONDS,
+                      on_wait: Callable[[str], None] | None = None) -> tuple[GalleryIndex, T]:
+    """One writer's read-modify-write of the index file at ``path``: take its lock (waiting
+    up to ``timeout`` seconds for another writer, ``on_wait`` told once), take the index as
+    it is on disk now, call ``change(index)``, save atomically, release. Returns
+    ``(index, what change returned)``.
+
+    ``base`` is an index already loaded from ``path``: used (and changed in place) when
+    the file has not changed since, reloaded otherwise, so that nothing another process
+    added is lost. Nothing is saved when ``change`` raises. Raises
+    :class:`esreid.locking.LockBusyError` when the lock is not had in time.
+    """
+    path = Path(os.path.expandvars(os.fspath(path))).expanduser().absolute()
+    thread_lock = _thread_lock(path)
+    if not thread_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+        raise LockBusyError(f"index {path} is being written by another thread of this process")
+    try:
+        with index_lock(path).acquire(timeout=timeout, on_wait=on_wait):
+            if base is not None and base.source == path and not base.changed_on_disk():
+                index = base
+            else:
+                index = GalleryIndex.load(path)
+            result = change(index)
+            index.save(path)
+            return index, result
+    finally:
+        thread_lock.release()
 
 
 def _top(idx: np.ndarray, keys: np.ndarray, k: int, metric: str) -> np.ndarray:
