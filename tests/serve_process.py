@@ -22,10 +22,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(index: Path, log: Path, *extra: str, timeout: float = 90.0):
-    """``esreid serve --index INDEX`` on a free port: yields ``(process, url, health)`` once
-    ``/healthz`` answers (polled every 0.2 s for at most ``timeout`` s), and terminates the
-    process afterwards (killing it if it does not stop within 20 s)."""
+def running_server(index: Path, log: Path, *extra: str, timeout: float = 90.0,
+                   cwd: Path | None = None):
+    """``esreid serve --index INDEX`` on a free port, started in ``cwd`` (default: this
+    process's working directory; ``index`` may be relative to it): yields ``(process, url,
+    health)`` once ``/healthz`` answers (polled every 0.2 s for at most ``timeout`` s), and
+    terminates the process afterwards (killing it if it does not stop within 20 s)."""
     url_port = free_port()
     url = f"http://127.0.0.1:{url_port}"
     # Output goes to a file: a pipe nobody reads could fill up and stall the server.
@@ -33,7 +35,8 @@ def running_server(index: Path, log: Path, *extra: str, timeout: float = 90.0):
         proc = subprocess.Popen(
             [sys.executable, "-m", "esreid.cli", "serve", "--index", str(index),
              "--host", "127.0.0.1", "--port", str(url_port), *extra],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=cwd)
     try:
         deadline = time.monotonic() + timeout
         while True:

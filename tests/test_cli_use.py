@@ -14,6 +14,7 @@ from esreid.engine.checkpoint import save_checkpoint
 from esreid.inference import ReIDModel
 from esreid.metrics import compute_distance
 from esreid.models.esnet import build_model
+from esreid.search import GalleryIndex
 
 TINY = ["model.backbone=resnet10", "model.pretrained=none", "data.height=32", "data.width=16",
         "eval.batch_size=4"]
@@ -61,7 +62,10 @@ def test_index_build_search_add_info(setup, tmp_path, capsys):
     assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
                  "--out", str(index), "--threshold", "0.2"]) == 0
     captured = capsys.readouterr()
-    assert "broken.jpg" in captured.err and "7 images (1 unreadable, skipped)" in captured.out
+    assert "7 images (1 file skipped)" in captured.out
+    # Reported once, naming the file (the library no longer logs what the command prints).
+    assert captured.err.count("broken.jpg") == 1
+    assert f"skipped {gallery / 'bob' / 'broken.jpg'}: cannot identify image format" in captured.err
 
     assert main(["search", "--index", str(index), *map(str, queries), "--top-k", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -85,7 +89,7 @@ def test_index_build_search_add_info(setup, tmp_path, capsys):
     assert text[0] == str(queries[0]) and len(text) == 3 and text[1].split()[0] == "1"
 
     assert main(["index", "add", str(index), "--images", str(more)]) == 0
-    assert "added 2 images" in capsys.readouterr().out
+    assert "added 2 images (0 files skipped), 9 in all" in capsys.readouterr().out
     assert main(["index", "info", str(index), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["count"] == 9 and info["metric"] == "cosine" and info["threshold"] == 0.2
@@ -157,3 +161,88 @@ def test_export_then_search_with_onnx(setup, tmp_path, capsys):
     # Without a model option, the model recorded in the index embeds the queries.
     assert main(["search", "--index", str(index), str(queries[0]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["rank"] == 1
+
+
+def test_index_build_never_replaces_an_index_silently(setup, tmp_path, capsys):
+    """Issue 20, case 4: like training's run folders, an existing index is refused with the
+    three ways on (extend it, another --out, --overwrite), and nothing is embedded first."""
+    root, ckpt, gallery, more, _ = setup
+    index = tmp_path / "g.index"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(more),
+                 "--out", str(index)]) == 0
+    before = index.read_bytes()
+    capsys.readouterr()
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
+                 "--out", str(index)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == (f"esreid index: error: index {index} already exists (2 images): add images "
+                      f"to it with `esreid index add {index} --images DIR`, write another with "
+                      "--out NEW, or replace it with --overwrite")
+    assert index.read_bytes() == before
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
+                 "--out", str(index), "--overwrite"]) == 0
+    assert GalleryIndex.load(index).count == 7
+    # A file that is not an index is not replaced either.
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(more),
+                 "--out", str(other)]) == 2
+    assert "(not a readable gallery index)" in capsys.readouterr().err
+    assert other.read_text() == "mine"
+
+
+def test_index_writers_wait_for_or_refuse_a_busy_index(setup, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from esreid.search import index_lock
+
+    root, ckpt, gallery, more, _ = setup
+    index = tmp_path / "g.index"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
+                 "--out", str(index)]) == 0
+    hold = ("import sys; from esreid.search import index_lock; "
+            "lock = index_lock(sys.argv[1]).acquire(timeout=0); print('held', flush=True); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(index)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["index", "add", str(index), "--images", str(more), "--wait", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-2].startswith(f"esreid index: error: index {index} is in use by another "
+                                  f"esreid process (held by pid {proc.pid} on ")
+        assert GalleryIndex.load(index).count == 7  # nothing was added
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert main(["index", "add", str(index), "--images", str(more), "--wait", "30"]) == 0
+    assert GalleryIndex.load(index).count == 9
+    assert index_lock(index).acquire(timeout=0).held  # released again
+
+
+def test_evaluate_with_another_preset_keeps_the_trained_label(tmp_path, capsys):
+    """Case 8: `esreid evaluate --config OTHER_PRESET` on a compatible checkpoint files its
+    results under the preset that was trained (the report's paper row), and records the
+    other one as the evaluation config."""
+    from esreid.data.synthetic import generate_synthetic
+
+    synth = tmp_path / "synthetic"
+    generate_synthetic(synth, num_ids=12, height=32, width=16, seed=0, progress=False)
+    ckpt = _checkpoint(tmp_path / "model.pt", 0)  # trained as "esnet"
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--config", "esnet_r10p03", "--out",
+                 str(out), "--set", *TINY, "data.name=synthetic", f"data.root={synth}"]) == 0
+    results = json.loads(out.read_text())
+    assert results["config"] == "esnet" and results["run"] == "esnet"
+    assert results["eval_config"] == "esnet_r10p03"
+    assert capsys.readouterr().out.startswith("esnet on synthetic: ")
+    assert main(["report", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| ES-Net |" in table and "R=10%" not in table
+    # Evaluated with its own config, nothing changes: no eval_config.
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--set",
+                 "data.name=synthetic", f"data.root={synth}"]) == 0
+    results = json.loads(out.read_text())
+    assert results["config"] == "esnet" and "eval_config" not in results

@@ -141,3 +141,116 @@ def test_hostile_input_gets_a_4xx_and_the_server_stays_up(client, served, tmp_pa
     assert r.status_code == 400
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.post("/api/search", files={"image": _png(query)}).status_code == 200
+
+
+# -- issue 20 -----------------------------------------------------------------------------------
+
+def test_an_upright_copy_of_a_phone_photo_matches_it(client, served, tmp_path):
+    """Case 6: a query stored sideways with an EXIF orientation is embedded upright, so the
+    gallery image it was taken from ranks first at distance 0."""
+    root, ckpt, index, _ = served
+    upright = Image.open(root / "gallery" / "ben" / "1.png").convert("RGB")
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # as the camera stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+    buffer = io.BytesIO()
+    sideways.save(buffer, format="PNG", exif=exif)
+    r = client.post("/api/search?k=2", files={"image": ("phone.png", buffer.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    best = r.json()["matches"][0]
+    assert best["path"] == str(root / "gallery" / "ben" / "1.png") and best["label"] == "ben"
+    assert best["distance"] == pytest.approx(0.0, abs=1e-5) and best["same"] is True
+
+
+def test_a_too_small_upload_is_refused(client):
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tiny, format="PNG")
+    r = client.post("/api/search", files={"image": ("dot.png", tiny.getvalue(), "image/png")})
+    assert r.status_code == 400
+    assert r.json()["error"] == ("dot.png: 1x1 pixels is below the minimum of 8 pixels on each "
+                                 "side (too small to be a person or vehicle crop)")
+
+
+def test_bad_uploads_name_the_file_never_a_python_object(client):
+    r = client.post("/api/search", files={"image": ("cat.gif", b"GIF89a?", "image/gif")})
+    assert r.status_code == 400
+    assert r.json()["error"] == ("cat.gif: not a readable image (cannot identify image format "
+                                 "(not an image, or a format Pillow cannot read))")
+    assert "BytesIO" not in r.text and " at 0x" not in r.text
+
+
+def test_explaining_a_gallery_image_whose_file_is_gone_is_a_404(served, tmp_path):
+    root, ckpt, index, query = served
+    gallery = tmp_path / "gallery"
+    for i in range(2):
+        _image(gallery / "zed" / f"{i}.png", np.random.default_rng(i))
+    copy = tmp_path / "g.index"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
+                 "--out", str(copy)]) == 0
+    (gallery / "zed" / "1.png").unlink()
+    with TestClient(create_app(copy)) as c:
+        r = c.post("/api/explain", files={"image": _png(query)}, data={"gallery_id": "1"})
+        assert r.status_code == 404
+        assert r.json()["error"] == ("gallery image 1 is no longer on disk (its file was moved "
+                                     "or deleted)")
+        assert c.get("/api/gallery/1/image").status_code == 404
+        assert c.post("/api/explain", files={"image": _png(query)},
+                      data={"gallery_id": "0"}).status_code == 200
+
+
+def test_images_added_over_http_carry_labels(client, served, tmp_path):
+    from esreid.search import GalleryIndex
+
+    root, ckpt, index, query = served
+    auth = {"Authorization": "Bearer s3cret"}
+    extra = [_image(tmp_path / f"x{i}.png", np.random.default_rng(20 + i)) for i in range(3)]
+    r = client.post("/api/gallery", headers=auth, data={"label": "dana"},
+                    files=[("image", _png(extra[0])), ("image", _png(extra[1]))])
+    assert r.status_code == 200, r.text
+    assert [a["label"] for a in r.json()["added"]] == ["dana", "dana"]
+    r = client.post("/api/gallery", headers=auth, data={"label": ["eli", " fay "]},
+                    files=[("image", _png(extra[2])), ("image", _png(query))])
+    assert r.status_code == 200, r.text
+    assert [a["label"] for a in r.json()["added"]] == ["eli", "fay"]
+    saved = GalleryIndex.load(client.app.state.service.path)
+    assert saved.labels[-4:] == ["dana", "dana", "eli", "fay"]
+    r = client.post("/api/search?k=1", files={"image": _png(extra[2])})
+    assert r.json()["matches"][0]["label"] == "eli"
+    for labels, fragment in [(["a", "b", "c"], "got 3 labels for 2 images"),
+                             ([" "], "a label must not be empty"),
+                             (["a\nb"], "control characters"),
+                             (["x" * 201], "201 characters, over the limit of 200")]:
+        r = client.post("/api/gallery", headers=auth, data={"label": labels},
+                        files=[("image", _png(extra[0])), ("image", _png(extra[1]))])
+        assert r.status_code == 400 and fragment in r.json()["error"], (labels, r.text)
+    assert GalleryIndex.load(client.app.state.service.path).count == saved.count
+
+
+def test_every_entry_point_reads_the_same_pixels(tmp_path):
+    """Loaders, ReIDModel (path, PIL image, array) and the server's upload decoding all give
+    one tensor for an EXIF-rotated 16-bit image."""
+    import torch
+
+    from esreid.config import load_config
+    from esreid.data.loader import read_rgb
+    from esreid.serve.app import decode_upload
+
+    values = (np.random.default_rng(1).integers(0, 65536, size=(16, 40))).astype(np.uint16)
+    path = tmp_path / "odd.png"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(values).save(path, exif=exif)
+    cfg = load_config("esnet", ["model.backbone=resnet10", "model.pretrained=none",
+                                "data.height=32", "data.width=16"])
+    model = ReIDModel(None, cfg, identity="x")
+    from_path = model.preprocess(str(path))
+    with Image.open(path) as opened:
+        from_pil = model.preprocess(opened)
+    upload = decode_upload(path.read_bytes(), "odd.png", 1 << 20, target=model.input_size)
+    from_upload = model.preprocess(upload)
+    from_loader = model.preprocess(read_rgb(str(path)))
+    for other in (from_pil, from_upload, from_loader):
+        torch.testing.assert_close(other, from_path, rtol=0, atol=0)
+    # And the picture is the upright, scaled one.
+    expected = np.rot90(((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), 1)
+    assert np.array_equal(np.asarray(read_rgb(str(path)))[..., 0], expected)

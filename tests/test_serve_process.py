@@ -5,6 +5,7 @@ process must still be alive and healthy afterwards."""
 import concurrent.futures
 import json
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -108,3 +109,163 @@ def test_concurrent_searches_and_hostile_requests(server):
         print("hostile requests:", json.dumps(answers))
         assert proc.poll() is None  # still running
         assert client.get("/healthz").json() == {"status": "ok", "gallery_size": 13}
+
+
+# -- issue 20: the server shares its index file with other processes --------------------------
+
+def _png_bytes(path):
+    return (path.name, path.read_bytes(), "image/png")
+
+
+def test_the_server_and_a_cli_writer_keep_every_entry(tmp_path):
+    """Case 2: `esreid index add` runs while the server adds over HTTP. The CLI has read the
+    index and embedded when the server saves an addition; it then saves its own, and the
+    server's next addition comes after it: nothing is lost either way, and the server
+    answers with what the file holds."""
+    import os
+    import subprocess
+    import sys
+
+    from rendezvous_cli import __file__ as helper
+
+    from esreid.search import GalleryIndex
+
+    rng = np.random.default_rng(21)
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", 0)
+    base = [_image(tmp_path / "gallery" / p / f"{i}.png", rng) for p in ("ann", "ben") for i in range(2)]
+    cli_images = [_image(tmp_path / "cli" / "cy" / f"{i}.png", rng) for i in range(3)]
+    uploads = [_image(tmp_path / f"upload{i}.png", rng) for i in range(2)]
+    index = tmp_path / "g.index"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(tmp_path / "gallery"),
+                 "--out", str(index)]) == 0
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ESREID_TEST_HOOK": "embed_files",
+           "ESREID_TEST_PARTIES": "2", "ESREID_TEST_RENDEZVOUS": str(rendezvous)}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with running_server(index, tmp_path / "serve.log", "--token", TOKEN) as (proc, url, health), \
+            httpx.Client(base_url=url, timeout=60) as client:
+        assert health["gallery_size"] == 4
+        cli = subprocess.Popen([sys.executable, helper, "index", "add", str(index), "--images",
+                                str(tmp_path / "cli")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 180
+            while not any(p.name.startswith("arrived-") for p in rendezvous.iterdir()):
+                assert cli.poll() is None, cli.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "the CLI did not get to its write"
+                time.sleep(0.1)
+            # The CLI holds its snapshot of 4 images; the server adds a fifth meanwhile.
+            r = client.post("/api/gallery", headers=auth, data={"label": "hugo"},
+                            files={"image": _png_bytes(uploads[0])})
+            assert r.status_code == 200, r.text
+            assert r.json()["gallery_size"] == 5
+            (rendezvous / "arrived-test").touch()
+            out, err = cli.communicate(timeout=180)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait(timeout=30)
+        assert cli.returncode == 0, err[-2000:]
+        assert "added 3 images (0 files skipped), 8 in all" in out
+        # The server serves what the CLI wrote (it re-reads a file changed on disk).
+        assert client.get("/healthz").json() == {"status": "ok", "gallery_size": 8}
+        r = client.post("/api/search?k=1", files={"image": _png_bytes(cli_images[1])})
+        best = r.json()["matches"][0]
+        assert best["path"] == str(cli_images[1]) and best["label"] == "cy"
+        assert best["distance"] == pytest.approx(0.0, abs=1e-5)
+        # And its next addition goes on top of the CLI's.
+        r = client.post("/api/gallery", headers=auth, files={"image": _png_bytes(uploads[1])})
+        assert r.status_code == 200 and r.json()["gallery_size"] == 9
+        final = GalleryIndex.load(index)
+        for i in range(final.count):
+            assert client.get(f"/api/gallery/{i}/image").status_code == 200
+        assert proc.poll() is None
+    assert final.count == 9
+    files = [final.file_path(i) for i in range(final.count)]
+    assert files[:4] == [str(p) for p in base]
+    assert files[5:8] == [str(p) for p in cli_images]
+    assert final.labels == ["ann", "ann", "ben", "ben", "hugo", "cy", "cy", "cy", None]
+    # The uploads are stored under the index's uploads folder, relative to the index.
+    assert [final.paths[i] for i in (4, 8)] == [f"g.index.uploads/{Path(files[i]).name}"
+                                                for i in (4, 8)]
+    from esreid.inference import ReIDModel
+
+    model = ReIDModel.from_checkpoint(ckpt)
+    np.testing.assert_allclose(final.features[:8], model.embed(files[:8]), atol=1e-5)
+
+
+def test_uploads_are_found_from_any_directory_and_after_a_move(tmp_path, monkeypatch, capsys):
+    """Case 5: a server started with a relative --index from one directory stores uploads
+    relative to the index file; a server started from another directory, after the index
+    and its uploads folder moved together, shows them and explains them, and so does
+    `esreid search --explain`."""
+    import shutil
+
+    rng = np.random.default_rng(22)
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", 0)
+    for person in ("ann", "ben"):
+        for i in range(2):
+            _image(tmp_path / "gallery" / person / f"{i}.png", rng)
+    site = tmp_path / "site"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(tmp_path / "gallery"),
+                 "--out", str(site / "g.index")]) == 0
+    here = tmp_path / "here"
+    here.mkdir()
+    upload = _image(tmp_path / "visitor.png", rng)
+    with running_server(Path("../site/g.index"), tmp_path / "a.log", "--token", TOKEN,
+                        cwd=here) as (_, url, _health), httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/api/gallery", headers={"Authorization": f"Bearer {TOKEN}"},
+                   data={"label": "vic"}, files={"image": _png_bytes(upload)})
+        assert r.status_code == 200, r.text
+        (added,) = r.json()["added"]
+        assert added["id"] == 4 and Path(added["path"]).parent == site / "g.index.uploads"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("g.index", "g.index.uploads"):
+        shutil.move(site / name, moved / name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running_server(moved / "g.index", tmp_path / "b.log", cwd=elsewhere) as (_, url, health), \
+            httpx.Client(base_url=url, timeout=60) as c:
+        assert health["gallery_size"] == 5
+        r = c.get("/api/gallery/4/image")
+        assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+        r = c.post("/api/explain", files={"image": _png_bytes(upload)}, data={"gallery_id": "4"})
+        assert r.status_code == 200, r.text
+        assert r.json()["distance"] == pytest.approx(0.0, abs=1e-5)
+        r = c.post("/api/search?k=1", files={"image": _png_bytes(upload)})
+        best = r.json()["matches"][0]
+        assert best["id"] == 4 and best["label"] == "vic"
+        assert best["path"] == str(moved / "g.index.uploads" / Path(added["path"]).name)
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["search", "--index", str(moved / "g.index"), str(upload), "--top-k", "2",
+                 "--explain", "why"]) == 0
+    assert (elsewhere / "why" / "query00_visitor.png").is_file()
+
+
+def test_serve_on_a_busy_port_fails_before_saying_it_serves(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(23)
+    ckpt = _checkpoint(tmp_path / "last.pt", 0)
+    for i in range(2):
+        _image(tmp_path / "gallery" / "ann" / f"{i}.png", rng)
+    index = tmp_path / "g.index"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(tmp_path / "gallery"),
+                 "--out", str(index)]) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "esreid.cli", "serve", "--index", str(index),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "serving" not in done.stdout
+    assert done.stderr.splitlines()[0] == (
+        f"esreid serve: error: cannot listen on 127.0.0.1:{port}: Address already in use: "
+        "another program is using the port (choose another with --port)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -131,6 +132,22 @@ def _checkpoint_and_config(args: argparse.Namespace):
     return path, ckpt, cfg
 
 
+def _label_with_the_trained_config(result: dict, ckpt: dict, cfg) -> None:
+    """Results say which experiment was trained (the checkpoint's config: the report's
+    paper row), not which config evaluated it; a different ``--config`` is kept as
+    ``eval_config``."""
+    trained = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    name = trained.get("name")
+    if not isinstance(name, str) or not name or name == cfg.name:
+        return
+    run_name = (trained.get("train") or {}).get("run_name") if isinstance(
+        trained.get("train"), dict) else None
+    result["config"] = name
+    result["run"] = run_name or name
+    result["eval_config"] = cfg.name
+    result["train_dataset"] = (trained.get("data") or {}).get("name", result["train_dataset"])
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,10 +167,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result["checkpoint"] = str(path)
     result["epoch"] = int(ckpt.get("epoch", 0))
     result["train_dataset"] = cfg.data.name
+    _label_with_the_trained_config(result, ckpt, cfg)
     out = (Path(os.path.expandvars(args.out)).expanduser() if args.out
            else evaluation_results_path(path, data.name, cfg.eval.rerank))
     write_results(out, result)
-    print(f"{cfg.name} on {data.name}: {format_metrics(result['metrics'])}")
+    print(f"{result['config']} on {data.name}: {format_metrics(result['metrics'])}")
     print(f"results: {out}")
     return 0
 
@@ -277,6 +295,12 @@ def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--device", default="cpu", help="torch device for --checkpoint (default cpu)")
 
 
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for another process writing the same index "
+                        "(default 300; 0 refuses at once)")
+
+
 def _load_reid_model(checkpoint: str | None, onnx: str | None, overrides: list[str], device: str):
     from esreid.inference import ReIDModel
 
@@ -317,35 +341,70 @@ def _index_threshold(args: argparse.Namespace, metric: str):
 
 def _report_failed(failed) -> None:
     for path, reason in failed:
-        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+        # The image reader's reasons already start with "cannot read image <path>: ".
+        prefix = f"cannot read image {path}: "
+        print(f"skipped {path}: {reason.removeprefix(prefix)}", file=sys.stderr)
+
+
+def _files(n: int) -> str:
+    return f"{n} file{'' if n == 1 else 's'}"
+
+
+def _say(line: str) -> None:
+    print(f"esreid: {line}", file=sys.stderr, flush=True)
+
+
+def _refuse_existing_index(out: Path, overwrite: bool) -> None:
+    """Like training's run folders: an existing index is never replaced silently."""
+    from esreid.config import ConfigError
+    from esreid.search import GalleryIndex, IndexFileError
+
+    if overwrite or not (out.exists() or out.is_symlink()):
+        return
+    try:
+        what = f"{GalleryIndex.load(out).count} images"
+    except (IndexFileError, OSError):
+        what = "not a readable gallery index"
+    raise ConfigError(f"index {out} already exists ({what}): add images to it with `esreid "
+                      f"index add {out} --images DIR`, write another with --out NEW, or "
+                      "replace it with --overwrite")
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
-    from esreid.search import build_index
+    from esreid.search import build_index, index_lock
 
+    out = Path(os.path.expandvars(args.out)).expanduser().absolute()
+    _refuse_existing_index(out, args.overwrite)  # before the slow part
     model = _load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
     threshold, source = _index_threshold(args, model.metric)
     ann = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
     index, failed = build_index(model, args.images, labels_csv=args.labels, kind=args.kind,
                                 threshold=threshold, threshold_source=source, **ann)
     index.model_path = str(Path(args.onnx or args.checkpoint).expanduser().resolve())
-    out = index.save(Path(os.path.expandvars(args.out)).expanduser())
+    with index_lock(out).acquire(timeout=args.wait, on_wait=_say):
+        # Another process may have written it while this one embedded.
+        _refuse_existing_index(out, args.overwrite)
+        index.save(out)
     _report_failed(failed)
-    print(f"wrote {out}: {index.count} images ({len(failed)} unreadable, skipped)")
+    print(f"wrote {out}: {index.count} images ({_files(len(failed))} skipped)")
+    uploads = Path(f"{out}.uploads")
+    if args.overwrite and uploads.is_dir():
+        print(f"note: {uploads} still holds the images uploaded to the index this one replaced "
+              "(not part of the new index; delete the folder if they are not needed)",
+              file=sys.stderr)
     return 0
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    from esreid.search import GalleryIndex, add_to_index
+    from esreid.search import GalleryIndex, add_to_index_file
 
     index = GalleryIndex.load(args.index)
     model = _index_model(index, args)
-    before = index.count
-    failed = add_to_index(index, model, args.images, labels_csv=args.labels)
-    index.save()
+    saved, added, failed = add_to_index_file(index, model, args.images, labels_csv=args.labels,
+                                             timeout=args.wait, on_wait=_say)
     _report_failed(failed)
-    print(f"{index.source}: added {index.count - before} images ({len(failed)} unreadable, "
-          f"skipped), {index.count} in all")
+    print(f"{saved.source}: added {added} images ({_files(len(failed))} skipped), "
+          f"{saved.count} in all")
     return 0
 
 
@@ -381,6 +440,18 @@ def _index_model(index, args: argparse.Namespace):
     return model
 
 
+def _query_labels(args: argparse.Namespace, queries: list[str]) -> list[str | None]:
+    """The label of each query from ``--labels`` (paths as written, or relative to the
+    working directory), None where it names none."""
+    if not args.labels:
+        return [None] * len(queries)
+    from esreid.search import labels_from_csv
+
+    table = {os.path.normpath(os.path.abspath(os.path.expanduser(p))): label
+             for p, label in labels_from_csv(args.labels).items()}
+    return [table.get(os.path.normpath(os.path.abspath(q))) for q in queries]
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import json
 
@@ -389,6 +460,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     index = GalleryIndex.load(args.index)
     model = _index_model(index, args)
     queries = [str(Path(os.path.expandvars(q)).expanduser()) for q in args.queries]
+    query_labels = _query_labels(args, queries)
     features = model.embed(queries)
     results = index.search(features, top_k=args.top_k, model_id=model.identity)
     if args.explain:
@@ -396,10 +468,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
         out_dir = Path(os.path.expandvars(args.explain)).expanduser()
         for qi, (query, matches) in enumerate(zip(queries, results, strict=True)):
+            label = query_labels[qi]
             panels = [(m.path, f"#{m.rank}  d={m.distance:.3f}" + (f"\n{m.label}" if m.label else ""),
-                       m.same) for m in matches]
+                       None if label is None or m.label is None else m.label == label, m.same)
+                      for m in matches]
             figure = save_rank_list(model, query, panels, out_dir / f"query{qi:02d}_{Path(query).stem}.png",
-                                    title=Path(query).name)
+                                    title=Path(query).name + (f" ({label})" if label else ""),
+                                    threshold=index.threshold)
             print(f"explanation: {figure}", file=sys.stderr)
     if args.json:
         print(json.dumps({"index": str(index.source), "model": model.identity,
@@ -416,20 +491,51 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listening_socket(host: str, port: int):
+    """A socket bound to ``host``:``port`` (uvicorn listens on it), or OSError naming both:
+    a busy port is reported before anything says the server is up."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {host}:{port}: unknown host ({err.strerror})") from err
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        hint = (": another program is using the port (choose another with --port)"
+                if err.errno == errno.EADDRINUSE else "")
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}{hint}") from err
+    return sock
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from esreid.export import require
     from esreid.serve import create_app
 
     uvicorn = require("uvicorn", "serve")
-    model = None
-    if args.checkpoint or args.onnx:
-        model = _load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
-    index = Path(os.path.expandvars(args.index)).expanduser()
-    app = create_app(index, model=model, token=args.token or os.environ.get("ESREID_TOKEN"),
-                     max_upload_bytes=int(args.max_upload_mb * 2**20))
-    size = app.state.service.index.count
-    print(f"serving {index} ({size} images) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    sock = _listening_socket(args.host, args.port)
+    try:
+        model = None
+        if args.checkpoint or args.onnx:
+            model = _load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
+        index = Path(os.path.expandvars(args.index)).expanduser()
+        app = create_app(index, model=model, token=args.token or os.environ.get("ESREID_TOKEN"),
+                         max_upload_bytes=int(args.max_upload_mb * 2**20))
+        size = app.state.service.index.count
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serving {app.state.service.index.source} ({size} images) on "
+              f"http://{shown}:{port}", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
@@ -554,12 +660,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the threshold from a run's evaluation (results JSON or run folder)")
     q.add_argument("--fpr", type=float, default=1e-3,
                    help="with --threshold-from: the false-positive rate to operate at (default 1e-3)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index file (otherwise it is refused: extend it "
+                        "with `esreid index add`, or write another with --out)")
+    _wait_arg(q)
     q.set_defaults(func=_cmd_index_build)
     q = index_sub.add_parser("add", help="embed the images of another folder into an index")
     q.add_argument("index", help="index file")
     q.add_argument("--images", required=True, help="folder of images to add")
     q.add_argument("--labels", help="CSV of path,label (default: identity = sub-folder name)")
     _model_args(q, required=False)
+    _wait_arg(q)
     q.set_defaults(func=_cmd_index_add)
     q = index_sub.add_parser("info", help="summarise an index")
     q.add_argument("index", help="index file")
@@ -573,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--explain", metavar="OUT_DIR", help="also draw each query's rank list with "
                                                         "CG-RAM overlays into OUT_DIR")
+    p.add_argument("--labels", metavar="CSV",
+                   help="the queries' identity labels (CSV path,label, as for index build): "
+                        "the --explain frames then show whether each match has the query's label")
     _model_args(p, required=False)
     p.set_defaults(func=_cmd_search)
 
