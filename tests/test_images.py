@@ -269,15 +269,26 @@ def test_large_images_decode_smaller_for_a_small_target(fmt):
     assert np.array_equal(np.asarray(same), crop)
 
 
-def test_decodes_in_flight_stay_within_the_pixel_budget(monkeypatch):
-    budget = images._PixelBudget(3 * 400 * 300)
-    monkeypatch.setattr(images, "_BUDGET", budget)
+def test_large_images_decode_on_a_few_threads_whatever_asks(monkeypatch):
+    """Case 9: however many threads ask at once, large images decode on at most
+    DECODE_THREADS decoder threads (so a burst holds that many full-size buffers, not one
+    per request); small images decode where they are asked for."""
+    decoders = images._Decoders(images.DECODE_THREADS)
+    monkeypatch.setattr(images, "_DECODERS", decoders)
+    monkeypatch.setattr(images, "LARGE_IMAGE_PIXELS", 300 * 200)
     data = _png_bytes(Image.new("RGB", (400, 300), (1, 2, 3)))
-    results, errors = [], []
+    seen, errors = set(), []
+    original = images._load
+
+    def spying_load(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images, "_load", spying_load)
 
     def decode():
         try:
-            results.append(read_image(data).getpixel((5, 5)))
+            assert read_image(data).getpixel((5, 5)) == (1, 2, 3)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -286,8 +297,11 @@ def test_decodes_in_flight_stay_within_the_pixel_budget(monkeypatch):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert not errors and results == [(1, 2, 3)] * 12
-    assert 0 < budget.peak <= budget.limit and budget.in_flight == 0
-    # One image larger than the whole budget still decodes (alone).
-    monkeypatch.setattr(images, "_BUDGET", images._PixelBudget(1000))
-    assert read_image(data).size == (400, 300)
+    assert not errors
+    assert 1 <= decoders.peak <= images.DECODE_THREADS and decoders.running == 0
+    assert seen and all(name.startswith("esreid-decode") for name in seen)
+    assert len(seen) <= images.DECODE_THREADS
+    # A small image is decoded by the caller itself.
+    seen.clear()
+    assert read_image(_png_bytes(Image.new("RGB", (16, 32)))).size == (16, 32)
+    assert seen == {threading.current_thread().name}

@@ -28,12 +28,13 @@
   model's antialiased resize still has the detail it needs. Every caller that wants the same
   pixels for the same file passes the same target (evaluation, ``ReIDModel``, the index and
   the server all pass the model's input size).
-* **Bounded memory.** Decodes share a process-wide budget of :data:`DECODE_BUDGET_PIXELS`
-  pixels in flight: a decode waits until the ones running leave room (one image larger than
-  the budget runs alone), so twenty concurrent uploads of a 36 M pixel PNG hold at most one
-  or two full-size buffers, not twenty. After a large decode the freed memory is handed back
-  to the operating system (glibc's ``malloc_trim``), which a long-running server otherwise
-  keeps.
+* **Bounded memory.** An image of :data:`LARGE_IMAGE_PIXELS` or more (after any JPEG draft)
+  is decoded on one of :data:`DECODE_THREADS` decoder threads of the process, whatever
+  thread asked for it: twenty concurrent uploads of a 36 M pixel PNG then hold at most two
+  full-size buffers at a time, not twenty. The full-size buffer is released as soon as the
+  result is made, and the freed memory handed back to the operating system (glibc's
+  ``malloc_trim``): glibc keeps each thread's freed large buffers in that thread's arena,
+  so twenty threads decoding in turn would otherwise keep twenty of them.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
@@ -54,7 +54,8 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "BACKGROUND",
-    "DECODE_BUDGET_PIXELS",
+    "DECODE_THREADS",
+    "LARGE_IMAGE_PIXELS",
     "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
     "ImageReadError",
@@ -69,14 +70,13 @@ MIN_IMAGE_SIDE = 8
 #: Largest accepted image, in pixels (width x height): far above any re-ID crop or phone
 #: photo, far below a decompression bomb.
 MAX_IMAGE_PIXELS = 40_000_000
-#: Pixels that may be decoding at once in one process (see the module docstring); about
-#: 200 MB of RGBA buffers, plus the converted copies.
-DECODE_BUDGET_PIXELS = 48_000_000
+#: Images at least this large (pixels as decoded) decode on the decoder threads.
+LARGE_IMAGE_PIXELS = 4_000_000
+#: Decoder threads per process: at most this many large images decode at once.
+DECODE_THREADS = 2
 #: What transparent pixels are composited over: ImageNet's mean colour (0.485, 0.456, 0.406)
 #: x 255, rounded, which normalises to (about) 0.
 BACKGROUND = (124, 116, 104)
-#: A decode at least this large hands freed memory back to the OS afterwards.
-_TRIM_PIXELS = 4_000_000
 #: Reduce (or draft) only when the image is at least this many times the target.
 _REDUCE_MARGIN = 2
 
@@ -141,32 +141,39 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-class _PixelBudget:
-    """At most ``limit`` pixels decoding at once (a single larger request runs alone)."""
+class _Decoders:
+    """The process's decoder threads (made on first use, and again in a forked child, whose
+    copy of the parent's threads does not run). Counts the decodes running on them."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = int(limit)
-        self.in_flight = 0
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.running = 0
         self.peak = 0
-        self._cond = threading.Condition()
+        self._pid: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        with self._cond:
-            # Bounded by the decodes that finish: each one notifies.
-            while self.in_flight and self.in_flight + pixels > self.limit:
-                self._cond.wait()
-            self.in_flight += pixels
-            self.peak = max(self.peak, self.in_flight)
+    def run(self, fn: Any) -> Any:
+        """``fn()`` on a decoder thread; its result or its exception."""
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="esreid-decode")
+                self._pid = os.getpid()
+            pool = self._pool
+        return pool.submit(self._counted, fn).result()
+
+    def _counted(self, fn: Any) -> Any:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
         try:
-            yield
+            return fn()
         finally:
-            with self._cond:
-                self.in_flight -= pixels
-                self._cond.notify_all()
+            with self._lock:
+                self.running -= 1
 
 
-_BUDGET = _PixelBudget(DECODE_BUDGET_PIXELS)
+_DECODERS = _Decoders(DECODE_THREADS)
 
 
 def _malloc_trim() -> Any:
@@ -183,8 +190,9 @@ _TRIM = _malloc_trim()
 
 def _give_back_memory() -> None:
     """Return freed heap memory to the OS. glibc keeps the pages of freed large buffers
-    (its mmap threshold grows after the first large free), so a server that decoded a
-    burst of large images would otherwise stay at its peak size."""
+    (its mmap threshold grows after the first large free, and each thread has its own
+    arena), so a server that decoded a burst of large images would otherwise stay near its
+    peak size."""
     if _TRIM is not None:
         _TRIM(0)
 
@@ -367,45 +375,55 @@ def read_image(source: str | os.PathLike | bytes | IO[bytes], *, name: str | Non
     """
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "upload"
-    result, decoded = _decode(source, name, target)
-    if decoded >= _TRIM_PIXELS:
-        # The full-size buffers are gone once _decode returned.
-        _give_back_memory()
-    return result
-
-
-def _decode(source: Any, name: str, target: tuple[int, int] | None
-            ) -> tuple[Image.Image, int]:
-    """``(RGB image, pixels decoded)``; see :func:`read_image`."""
     image, handle = _open(source, name)
     try:
         with image:
             width, height = image.size
             _check_size(width, height, name)
-            orientation = _orientation(image)
-            stored = _stored_target(target, orientation)
-            if stored is not None and image.format == "JPEG" \
-                    and _reduce_factor(width, height, stored) > 1:
-                # DCT-domain scaling: the full-size pixels are never decoded.
-                t_h, t_w = stored
-                image.draft(None, (_REDUCE_MARGIN * t_w, _REDUCE_MARGIN * t_h))
-            pixels = image.size[0] * image.size[1]
-            with _BUDGET.hold(pixels):
-                try:
-                    image.load()
-                    result = _finish(image, _reduce_factor(*image.size, stored), orientation,
-                                     name)
-                except ImageReadError:
-                    raise
-                except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
-                        Image.DecompressionBombError) as exc:
-                    raise ImageReadError(f"cannot read image {name}: {_one_line(exc)}") from exc
-                if result is image:
-                    result = image.copy()  # closing the file must not take the pixels along
-            return result, pixels
+            if image.format == "JPEG":
+                # A JPEG's EXIF block is read with its header: the orientation is known
+                # before decoding, so the DCT-domain scaling can aim at the upright target
+                # (the full-size pixels are then never decoded).
+                orientation = _orientation(image)
+                stored = _stored_target(target, orientation)
+                if stored is not None and _reduce_factor(width, height, stored) > 1:
+                    t_h, t_w = stored
+                    image.draft(None, (_REDUCE_MARGIN * t_w, _REDUCE_MARGIN * t_h))
+            else:
+                # Other formats may keep EXIF after the pixels (PNG's eXIf chunk): asking for
+                # it would decode the whole image here, outside the decoder threads.
+                orientation = None
+            if image.size[0] * image.size[1] < LARGE_IMAGE_PIXELS:
+                return _load(image, target, orientation, name)
+            return _DECODERS.run(lambda: _load(image, target, orientation, name, large=True))
     finally:
         if handle is not None and handle is not source:
             handle.close()
+
+
+def _load(image: Image.Image, target: tuple[int, int] | None, orientation: int | None,
+          name: str, large: bool = False) -> Image.Image:
+    """Decode the opened ``image`` and make the result (see :func:`read_image`;
+    ``orientation`` None: read it after decoding); the decoded buffer is released before
+    returning, and for a ``large`` image the memory handed back to the OS."""
+    try:
+        image.load()
+        if orientation is None:
+            orientation = _orientation(image)
+        stored = _stored_target(target, orientation)
+        result = _finish(image, _reduce_factor(*image.size, stored), orientation, name)
+        if result is image:
+            result = image.copy()  # closing the file must not take the pixels along
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
+            Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"cannot read image {name}: {_one_line(exc)}") from exc
+    finally:
+        image.close()  # frees the full-size buffer now, on this thread
+    if large:
+        _give_back_memory()
+    return result
 
 
 def prepare_image(image: Image.Image, *, name: str = "image",
