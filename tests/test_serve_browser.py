@@ -153,3 +153,54 @@ def test_serve_page_search_and_explain(tmp_path):
                 assert page.locator("#results .match").count() == 0
             finally:
                 browser.close()
+
+
+def test_card_labels_are_shown_whole(tmp_path):
+    """Issue 20: a label beside the verdict badge shrank to one letter. It has a line of its
+    own now: a short label is not cut at all, a long one wraps (two lines at most) and the
+    tooltip holds all of it."""
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing(f"playwright is not installed (pip install playwright); Chromium: {INSTALL_HINT}")
+
+    ckpt = _checkpoint(tmp_path / "last.pt")
+    synth = tmp_path / "synth"
+    generate_synthetic(synth, num_ids=8, height=128, width=64, seed=0, progress=False)
+    shots = sorted((synth / "bounding_box_test").glob("*.jpg"))
+    labels = ["alice smith", "bob", "carmen-lucia", "dee"]
+    gallery = tmp_path / "gallery"
+    for i, label in enumerate(labels):
+        (gallery / label).mkdir(parents=True)
+        shutil.copyfile(shots[i], gallery / label / shots[i].name)
+    index = tmp_path / "gallery.index"
+    assert main(["index", "build", "--checkpoint", str(ckpt), "--images", str(gallery),
+                 "--out", str(index), "--threshold", THRESHOLD]) == 0
+    with running_server(index, tmp_path / "serve.log") as (proc, url, health):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                # A narrow window: the cards are at their narrowest (112 px).
+                page = browser.new_page(viewport={"width": 420, "height": 900})
+                page.goto(url + "/")
+                page.set_input_files("#query-input", str(shots[0]))
+                page.wait_for_function(
+                    f"document.querySelectorAll('#results .match').length === {len(labels)}")
+                shown = page.eval_on_selector_all("#results .match .label", """els => els.map(e => ({
+                    text: e.textContent, title: e.title,
+                    cut: e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1,
+                    lines: Math.round(e.getBoundingClientRect().height /
+                                      parseFloat(getComputedStyle(e).lineHeight)),
+                    width: e.getBoundingClientRect().width,
+                    card: e.closest('button').getBoundingClientRect().width}))""")
+                assert sorted(s["text"] for s in shown) == sorted(labels)
+                for s in shown:
+                    assert not s["cut"], s
+                    assert s["title"].startswith(s["text"] + " \u2014 ")
+                    assert 1 <= s["lines"] <= 2, s
+                    # The label spans the card's width, not what the badge leaves over.
+                    assert s["width"] > 0.7 * s["card"], s
+                assert any(s["lines"] == 1 for s in shown if s["text"] in ("bob", "dee"))
+            finally:
+                browser.close()
