@@ -362,8 +362,8 @@ def _refuse_existing_index(out: Path, overwrite: bool) -> None:
     if overwrite or not (out.exists() or out.is_symlink()):
         return
     try:
-        what = f"{GalleryIndex.load(out).count} images"
-    except (IndexFileError, OSError):
+        what = f"{GalleryIndex.read_metadata(out)['count']} images"
+    except (IndexFileError, OSError, KeyError):
         what = "not a readable gallery index"
     raise ConfigError(f"index {out} already exists ({what}): add images to it with `esreid "
                       f"index add {out} --images DIR`, write another with --out NEW, or "

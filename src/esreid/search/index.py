@@ -632,6 +632,21 @@ class GalleryIndex:
         self.signature = file_signature(path)
         return path
 
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+        """The metadata of the index file at ``path`` (count, model, kind, ...) without
+        reading its features. Raises :class:`IndexFileError` for a file that is not an
+        index, OSError when it cannot be read."""
+        path = Path(os.path.expandvars(os.fspath(path))).expanduser()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                meta = _json_member(zf, META_MEMBER)
+        except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
+            raise IndexFileError(f"{path}: not a readable gallery index ({_one_line(exc)})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise IndexFileError(f"{path}: not an esreid gallery index")
+        return meta
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> GalleryIndex:
         """Read an index written by :meth:`save`. Raises FileNotFoundError, or
