@@ -230,3 +230,34 @@ def test_train_amp_values():
         == ["none", "fp16", "bf16"]
     with pytest.raises(ConfigError, match="config key train.amp: 'fp32' is not one of none, fp16, bf16"):
         load_config("base", ["train.amp=fp32"])
+
+
+@pytest.mark.parametrize("given, kept", [
+    ("mean", "mean"), ("zero", "zero"), ("random", "random"),
+    ("0", "mean"), ("0.0", "mean"), ("-0.5", "-0.5"), ("1e-1", "0.1"),
+])
+def test_erase_value_is_a_fill_name_or_a_number(given, kept):
+    assert load_config("esnet", [f"erase.value={given}"]).erase.value == kept
+
+
+def test_erase_value_defaults_to_the_mean_colour_and_old_configs_read_the_same(tmp_path):
+    assert load_config("esnet").erase.value == "mean"
+    old = tmp_path / "old.yaml"
+    old.write_text("extends: esnet\nerase:\n  value: 0.0\n")  # written before the names
+    assert load_config(old).erase.value == "mean"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("grey", "config key erase.value: 'grey' is neither a number nor one of mean, zero, random"),
+    (".nan", "config key erase.value: 'nan' is not a finite number"),
+])
+def test_a_bad_erase_value_names_the_key(value, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config("esnet", [f"erase.value={value}"])
+
+
+def test_the_fill_names_of_the_config_are_the_erasing_functions():
+    from esreid.models.erasers import ERASE_VALUES
+    from esreid.saliency.erasing import FILL_VALUES
+
+    assert ERASE_VALUES == FILL_VALUES

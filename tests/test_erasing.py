@@ -85,10 +85,84 @@ def test_besm_no_op_and_full_cases():
 
 def test_besm_ties_prefer_lower_row_major_positions():
     images = _images(1, 1, 3, 4)
-    out, _ = besm_erase(images, torch.ones(1, 2, 2), ratio=5 / 12, prob=1.0)
+    saliency = torch.ones(1, 3, 4)
+    saliency[0, 2, 3] = 0.0  # contrast, so the map ranks; 11 tied positions above it
+    out, _ = besm_erase(images, saliency, ratio=5 / 12, prob=1.0)
     expected = torch.zeros(12, dtype=torch.bool)
     expected[:5] = True
     assert torch.equal((out[0, 0] == 0).flatten(), expected)
+
+
+def test_besm_leaves_images_whose_map_has_no_contrast():
+    """An all-zero (or constant) map ranks no pixel above another: no salient part to erase,
+    and the tie-break would otherwise erase the top rows of every such image."""
+    images = _images(4, 2, 6, 4)
+    saliency = torch.rand(4, 3, 2, generator=_gen(40))
+    saliency[1] = 0.0
+    saliency[3] = 0.7
+    g = _gen(41)
+    out, flags = besm_erase(images, saliency, ratio=0.25, prob=1.0, generator=g)
+    assert flags.tolist() == [True, False, True, False]
+    assert torch.equal(out[1], images[1]) and torch.equal(out[3], images[3])
+    assert not torch.equal(out[0], images[0])
+    # One selection draw per image, as before: later draws of the run do not shift.
+    ref = _gen(41)
+    torch.rand(4, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("mean", torch.zeros(2)),
+    (0.25, torch.full((2,), 0.25)),
+    ("-1.5", torch.full((2,), -1.5)),
+])
+def test_besm_fills_with_a_constant(value, expected):
+    images = _images(1, 2, 2, 2)
+    saliency = torch.tensor([[[3.0, 0.0], [0.0, 0.0]]])
+    out, _ = besm_erase(images, saliency, ratio=0.25, prob=1.0, value=value)
+    assert torch.equal(out[0, :, 0, 0], expected)
+    assert torch.equal(out[0, :, 1:], images[0, :, 1:])
+
+
+def test_besm_fills_black_or_noise():
+    from esreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    images = _images(2, 3, 4, 4)
+    saliency = torch.zeros(2, 4, 4)
+    saliency[:, 0, :2] = 1.0  # two pixels
+    out, _ = besm_erase(images, saliency, ratio=2 / 16, prob=1.0, value="zero")
+    black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
+    assert torch.allclose(out[:, :, 0, 0], black.expand(2, 3))
+    assert torch.allclose(out[:, :, 0, 1], black.expand(2, 3))
+    g = _gen(42)
+    out, _ = besm_erase(images, saliency, ratio=2 / 16, prob=1.0, value="random", generator=g)
+    ref = _gen(42)
+    torch.rand(2, generator=ref)  # the selection draws come first
+    noise = torch.randn(2, 3, 4, 4, generator=ref)
+    assert torch.equal(out[:, :, 0, :2], noise[:, :, 0, :2])
+    assert torch.equal(out[:, :, 1:], images[:, :, 1:])
+    assert torch.equal(g.get_state(), ref.get_state())
+    with pytest.raises(ValueError, match="value must be a number or one of mean, zero, random, "
+                                         "got 'grey'"):
+        besm_erase(images, saliency, ratio=0.1, prob=1.0, value="grey")
+    with pytest.raises(ValueError, match="value 'zero' \\(black\\) needs RGB images, got 2"):
+        besm_erase(images[:, :2], saliency, ratio=0.1, prob=1.0, value="zero")
+
+
+def test_random_erase_fills_with_the_named_values():
+    images = _images(3, 3, 8, 8)
+    means, _ = random_erase(images, prob=1.0, value="mean", generator=_gen(43))
+    zeros, _ = random_erase(images, prob=1.0, value=0.0, generator=_gen(43))
+    assert torch.equal(means, zeros)
+    noise, _ = random_erase(images, prob=1.0, value="random", generator=_gen(43))
+    legacy, _ = random_erase(images, prob=1.0, value=None, generator=_gen(43))
+    assert torch.equal(noise, legacy)
+    black, flags = random_erase(images, prob=1.0, value="zero", generator=_gen(43))
+    assert flags.all()
+    changed = (black != images).any(1)
+    assert torch.equal(changed, (zeros != images).any(1))
+    assert torch.allclose(black[0, :, changed[0]].mean(1),
+                          torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
 
 
 def test_besm_count_uses_python_round():

@@ -26,7 +26,9 @@ from esreid.models.esnet import build_model
 TRAIN_1 = {"type": "train", "epoch": 1, "loss": 7.25, "lr": 3.5e-05, "images_per_s": 812.5,
            "seconds": 40.0, "id_aib": 3.5, "triplet_aib": 0.25, "id_esb": 3.0,
            "triplet_esb": 0.5, "erased_frac": 0.3125, "ppool_l_esb": 2.75, "erased_loss": 6.5,
-           "clean_loss": 6.0, "skipped_images": 2, "world_size": 1}
+           "clean_loss": 6.0, "skipped_images": 2, "world_size": 1, "zero_map_frac": 0.125,
+           "erased_pixel_frac": 0.0625, "saliency_nonfinite": 0.0, "amp_skipped_steps": 3,
+           "amp_scale": 32768.0}
 TRAIN_2 = {**TRAIN_1, "epoch": 2, "loss": 6.0, "lr": 7e-05, "erased_loss": float("nan"),
            "clean_loss": float("inf")}
 EVAL_2 = {"type": "eval", "epoch": 2, "rank1": 0.5, "mAP": 0.375, "mINP": 0.125,
@@ -41,7 +43,9 @@ EXPECTED_TAGS = {
     "images_per_s": "speed/images_per_s", "seconds": "speed/seconds",
     "ppool_l_esb": "ppool/l_esb", "erased_loss": "diagnostic/erased_loss",
     "clean_loss": "diagnostic/clean_loss", "skipped_images": "run/skipped_images",
-    "world_size": "run/world_size",
+    "world_size": "run/world_size", "zero_map_frac": "saliency/zero_map_frac",
+    "erased_pixel_frac": "saliency/erased_pixel_frac", "saliency_nonfinite": "saliency/nonfinite",
+    "amp_skipped_steps": "amp/skipped_steps", "amp_scale": "amp/scale",
 }
 
 

@@ -93,6 +93,11 @@ def test_end_to_end_train_and_evaluate(tmp_path, synth_root):
     train_lines = [x for x in lines if x["type"] == "train"]
     assert [x["epoch"] for x in train_lines] == [1, 2]
     assert all("erased_loss" in x and "ppool_l_esb" in x and x["ppool_l_esb"] >= 1 for x in train_lines)
+    # The saliency path per epoch: maps without contrast (not erased) and erased pixels,
+    # means over the epoch's steps, consistent with the images erased (R = 0.2).
+    for x in train_lines:
+        assert 0.0 <= x["zero_map_frac"] <= 1.0 and x["saliency_nonfinite"] == 0.0
+        assert x["erased_pixel_frac"] == pytest.approx(x["erased_frac"] * 0.2, abs=0.01)
     assert lines[-1]["type"] == "eval"
 
     # The checkpoint evaluates to the same numbers through the CLI.

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from esreid.data.datasets import DATASET_NAMES, VEHICLEID_TEST_SIZES
-from esreid.models.erasers import ERASERS, eraser_names
+from esreid.models.erasers import ERASERS, canonical_erase_value, eraser_names
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -102,7 +102,9 @@ class EraseConfig:
     method: str = "besm"  # none | besm | gradcam | random | bfd: esreid.models.erasers.ERASERS
     ratio: float = 0.2  # R: fraction of pixel positions erased (besm, gradcam)
     prob: float = 0.5  # P: probability that an image is erased
-    value: float = 0.0  # erase value in normalised space
+    # What erased pixels become: mean (0 in normalised space, the paper's choice), zero
+    # (black), random (per-pixel noise, as Random Erasing) or a number in normalised space.
+    value: str = "mean"
     layer: str = "layer4"  # ESB stage whose output is the CG-RAM layer L (res_conv5 = layer4)
     # true: only the erased images take the second trunk pass, the others reuse the clean
     # trunk features (same images; the trunk's BatchNorm sees the erased subset's statistics).
@@ -338,7 +340,13 @@ def build_config(raw: dict[str, Any], name: str = "custom") -> Config:
                 )
             if (section, key) == ("train", "amp") and isinstance(value, bool):
                 value = _deprecated_amp(value)
-            setattr(target, key, _coerce(value, fields[key], f"{section}.{key}"))
+            value = _coerce(value, fields[key], f"{section}.{key}")
+            if (section, key) == ("erase", "value"):
+                try:
+                    value = canonical_erase_value(value)
+                except ValueError as err:
+                    raise ConfigError(f"config key erase.value: {err}") from None
+            setattr(target, key, value)
     _expand_paths(cfg)
     validate(cfg)
     return cfg

@@ -133,7 +133,8 @@ def _benchmarks(out_dir: Path, cfg: Config) -> tuple[Path, Path]:
 #: Keys of a run's last training record that the summary reports: the loss terms of each
 #: branch, the over-erasing diagnostic (Fig. 3), the fraction of images erased, P-pooling's l.
 DIAGNOSTIC_KEYS = ("id_aib", "triplet_aib", "id_esb", "triplet_esb", "clean_loss",
-                   "erased_loss", "erased_frac", "ppool_l_esb")
+                   "erased_loss", "erased_frac", "zero_map_frac", "erased_pixel_frac",
+                   "ppool_l_esb")
 
 
 def _train_records(folder: RunFolder) -> list[dict[str, Any]]:

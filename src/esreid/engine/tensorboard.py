@@ -47,6 +47,11 @@ _TRAIN_GROUPS = {
     "clean_loss": "diagnostic/clean_loss",
     "skipped_images": "run/skipped_images",
     "world_size": "run/world_size",
+    "zero_map_frac": "saliency/zero_map_frac",
+    "erased_pixel_frac": "saliency/erased_pixel_frac",
+    "saliency_nonfinite": "saliency/nonfinite",
+    "amp_skipped_steps": "amp/skipped_steps",
+    "amp_scale": "amp/scale",
 }
 _NOT_A_VALUE = {"type", "epoch"}
 _INVALID_TAG_CHARS = re.compile(r"[^A-Za-z0-9_./-]+")
@@ -57,7 +62,9 @@ def scalar_tag(record_type: str, key: str) -> str | None:
 
     ``train`` keys go to ``train/`` (losses, ``lr``, ``erased_frac``), ``speed/``
     (``images_per_s``, ``seconds``), ``diagnostic/`` (Fig. 3's ``erased_loss`` and
-    ``clean_loss``), ``ppool/`` (``ppool_l_esb`` -> ``ppool/l_esb``) or ``run/``
+    ``clean_loss``), ``saliency/`` (``zero_map_frac``, ``erased_pixel_frac``,
+    ``saliency_nonfinite`` -> ``saliency/nonfinite``), ``amp/`` (fp16's ``amp_skipped_steps``
+    and ``amp_scale``), ``ppool/`` (``ppool_l_esb`` -> ``ppool/l_esb``) or ``run/``
     (``skipped_images``, ``world_size``); ``eval`` keys go to ``eval/`` with ``@`` spelled
     ``_at_`` and other characters outside ``[A-Za-z0-9_./-]`` replaced by ``_``
     (``TPR@FPR=0.001`` -> ``eval/TPR_at_FPR_0.001``). None for any other record type

@@ -34,13 +34,33 @@ __all__ = [
     "GradCAMErasing",
     "NoErasing",
     "RandomErasing",
+    "RandomMapErasing",
     "build_eraser",
+    "canonical_erase_value",
     "eraser_from_config",
     "eraser_names",
 ]
 
 #: Erasing ratio of the over-erasing diagnostic for erasers without a ratio of their own.
 DEFAULT_DIAGNOSTIC_RATIO = 0.2
+
+#: The named fills of ``erase.value`` (``esreid.saliency.erasing.erase_fill`` makes them).
+ERASE_VALUES = ("mean", "zero", "random")
+
+
+def canonical_erase_value(value: Any) -> str:
+    """``erase.value`` as the config keeps it: a fill name, or a number as its string; 0 is
+    the mean colour and reads as ``"mean"`` (configs written before the names say 0.0)."""
+    if isinstance(value, str) and value in ERASE_VALUES:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is neither a number nor one of "
+                         f"{', '.join(ERASE_VALUES)}") from None
+    if not number == number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"{value!r} is not a finite number")
+    return "mean" if number == 0 else repr(number)
 
 
 @dataclass
@@ -133,7 +153,7 @@ class _SalientErasing(Eraser):
 
     ratio: float = 0.2
     prob: float = 0.5
-    value: float = 0.0
+    value: str | float = "mean"
     reuse_clean: bool = True
 
     @property
@@ -147,35 +167,44 @@ class _SalientErasing(Eraser):
 
     @abstractmethod
     def maps(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
-             shared: torch.Tensor) -> torch.Tensor:
+             shared: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Saliency maps [N, h, w] of the clean batch."""
 
     def __call__(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
                  shared: torch.Tensor, generator: torch.Generator | None) -> Erasure:
         """Erase the salient pixels, then the trunk and the ESB on the erased batch.
 
-        A map with a non-finite value is counted (``saliency_nonfinite``: the fraction of
-        such maps) and erases nothing, so that the step completes on every process and the
-        trainer stops the run at that step with a message (rather than one process raising
+        Reports ``zero_map_frac`` (maps without contrast, in practice all zero: BESM leaves
+        their images, see ``besm_erase``), ``erased_pixel_frac`` (erased pixel positions
+        over the batch's) and ``saliency_nonfinite`` (maps with a non-finite value; they are
+        counted and erase nothing, so that the step completes on every process and the
+        trainer stops the run at that step with a message rather than one process raising
         inside its forward).
         """
         import torch
 
         from esreid.saliency.erasing import besm_erase
 
-        maps = self.maps(model, images, pids, shared)
-        finite = torch.isfinite(maps).flatten(1).all(dim=1)
+        maps = self.maps(model, images, pids, shared, generator)
+        flat = maps.flatten(1)
+        finite = torch.isfinite(flat).all(dim=1)
         nonfinite = float((~finite).float().mean())
         if nonfinite:
             maps = torch.where(finite[:, None, None], maps, torch.zeros_like(maps))
+            flat = maps.flatten(1)
         erased, was = besm_erase(images, maps, self.ratio, self.prob, self.value,
                                  generator=generator)
         if nonfinite:
             erased = torch.where(finite[:, None, None, None].to(erased.device), erased, images)
             was = was & finite.to(was.device)
+        height, width = images.shape[-2:]
+        per_image = round(self.ratio * height * width) / (height * width)
+        info = {"saliency_nonfinite": nonfinite,
+                "zero_map_frac": float((finite & (flat.amax(1) <= flat.amin(1))).float().mean()),
+                "erased_pixel_frac": float(was.float().mean()) * per_image}
         esb_in = _trunk_erased(model.trunk, shared, erased, was, self.reuse_clean)
         return Erasure(esb=model.esb(esb_in), was_erased=was, erased_images=erased,
-                       saliency=maps, info={"saliency_nonfinite": nonfinite})
+                       saliency=maps, info=info)
 
 
 @dataclass(frozen=True)
@@ -186,9 +215,28 @@ class BESM(_SalientErasing):
     pairs_reason: ClassVar[str | None] = "BESM's easiest positive"
 
     def maps(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
-             shared: torch.Tensor) -> torch.Tensor:
+             shared: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Batch CG-RAM of the ESB at ``layer``, reusing the clean trunk output."""
         return model.saliency_maps(images, pids, "esb", shared=shared)
+
+
+@dataclass(frozen=True)
+class RandomMapErasing(_SalientErasing):
+    """BESM driven by random maps: uniform noise at the CG-RAM map's resolution, resized and
+    erased like a saliency map. The same number of pixels in blobs of the same size as BESM's,
+    at random places: the control that separates CG-RAM's targeting from erasing itself."""
+
+    name: ClassVar[str] = "randmap"
+
+    def maps(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
+             shared: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """[N, h, w] uniform draws from ``generator``, (h, w) the ESB's map at ``layer``."""
+        import torch
+
+        h, w = model.saliency_map_size(images, "esb", shared, layer=self.layer)
+        device = generator.device if generator is not None else torch.device("cpu")
+        draws = torch.rand((images.shape[0], h, w), generator=generator, device=device)
+        return draws.to(images.device)
 
 
 @dataclass(frozen=True)
@@ -198,7 +246,7 @@ class GradCAMErasing(_SalientErasing):
     name: ClassVar[str] = "gradcam"
 
     def maps(self, model: ESNet, images: torch.Tensor, pids: torch.Tensor,
-             shared: torch.Tensor) -> torch.Tensor:
+             shared: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Grad-CAM of the ESB's classifier; only the part after ``layer`` is differentiated
         (float32, from the clean trunk output, as CG-RAM)."""
         from esreid.saliency.cgram import grad_cam_batch
@@ -215,7 +263,7 @@ class RandomErasing(Eraser):
     name: ClassVar[str] = "random"
 
     prob: float = 0.5
-    value: float = 0.0
+    value: str | float = "mean"
     reuse_clean: bool = True
 
     def describe(self) -> str:
@@ -262,6 +310,7 @@ class BatchFeatureDropping(Eraser):
 ERASERS: dict[str, type[Eraser]] = {
     "none": NoErasing,
     "besm": BESM,
+    "randmap": RandomMapErasing,
     "gradcam": GradCAMErasing,
     "random": RandomErasing,
     "bfd": BatchFeatureDropping,

@@ -168,6 +168,21 @@ class ESNet(nn.Module):
                 shared = self.trunk(at_least_float32(images))
             return b.feature_map(at_least_float32(shared.detach()), upto=layer)
 
+    def saliency_map_size(self, images: torch.Tensor, branch: str = "esb",
+                          shared: torch.Tensor | None = None,
+                          layer: str | None = None) -> tuple[int, int]:
+        """(h, w) of the maps :meth:`saliency_maps` gives for this batch: one image through
+        the stages in eval mode, so no BatchNorm statistics change (modes are restored)."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            one = None if shared is None else shared[:1]
+            fmap = self.saliency_feature_map(images[:1], branch, one, layer)
+        finally:
+            for module, was_training in modes:
+                module.training = was_training
+        return int(fmap.shape[-2]), int(fmap.shape[-1])
+
     def saliency_maps(self, images: torch.Tensor, pids: torch.Tensor, branch: str = "esb",
                       shared: torch.Tensor | None = None) -> torch.Tensor:
         """Batch CG-RAM maps [N, h, w] (Eq. 5) at layer ``erase.layer`` of ``branch``, float32.

@@ -14,9 +14,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchFeatureDrop", "batch_feature_drop", "besm_erase", "random_erase"]
+__all__ = ["FILL_VALUES", "BatchFeatureDrop", "batch_feature_drop", "besm_erase", "erase_fill",
+           "random_erase"]
 
 _RANDOM_ERASE_ATTEMPTS = 10
+
+#: What erased pixels become, by name (``erase.value``): ``mean`` the dataset's mean colour
+#: (0 in normalised space, the paper's choice), ``zero`` black (``-mean / std`` per channel),
+#: ``random`` per-pixel standard normal noise in normalised space (as Random Erasing).
+FILL_VALUES = ("mean", "zero", "random")
+
+
+def erase_fill(value: float | str, images: Tensor, generator: torch.Generator | None = None
+               ) -> Tensor | float:
+    """The fill for erasing ``images`` [N, C, H, W]: a number (a constant in normalised
+    space, or ``"mean"`` = 0), a [1, C, 1, 1] tensor (``"zero"``: black, RGB images only) or
+    a [N, C, H, W] noise tensor drawn from ``generator`` (``"random"``). A numeric string is
+    read as its number."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if value == "mean":
+        return 0.0
+    if value == "zero":
+        if images.shape[1] != 3:
+            raise ValueError(f"value 'zero' (black) needs RGB images, got {images.shape[1]} channels")
+        from esreid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        black = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+        return torch.tensor(black, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    if value == "random":
+        device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(images.shape, generator=generator, device=device)
+        return noise.to(device=images.device, dtype=images.dtype)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"value must be a number or one of {', '.join(FILL_VALUES)}, "
+                         f"got {value!r}") from None
 
 
 def _check_unit_interval(value: float, name: str) -> None:
@@ -46,7 +80,7 @@ def besm_erase(
     saliency: Tensor,
     ratio: float,
     prob: float,
-    value: float = 0.0,
+    value: float | str = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Batch Erasing Salient Method (Algorithm 1): erase each image's most salient pixels.
@@ -57,17 +91,24 @@ def besm_erase(
     to ``value`` in all channels. Ties are broken deterministically by a stable descending
     sort: among equal values the lower row-major position is erased first.
 
+    A map without contrast (every value equal; after CG-RAM's ReLU that is an all-zero map,
+    where no position raises the score) ranks no pixel above another, so it names no salient
+    part: its image is not erased (``was_erased`` False), whatever ``u``. Ranking it anyway
+    would erase the tie-break's region, the image's top rows, for every such image.
+
     Args:
         images: [N, C, H, W] batch (not modified).
         saliency: [N, h, w] maps, one per image, any resolution, finite.
         ratio: erased fraction R of the pixel positions, in [0, 1].
         prob: erasing probability P per image, in [0, 1].
-        value: fill value (0 is the paper's choice; in normalised space it is the mean colour).
-        generator: source of the per-image draws.
+        value: fill value, see :func:`erase_fill`: a number in normalised space (0 is the
+            paper's choice, the mean colour) or ``"mean"``, ``"zero"``, ``"random"``.
+        generator: source of the per-image draws (and, after them, of ``"random"`` noise).
 
     Returns:
         ``(erased, was_erased)``: a new [N, C, H, W] tensor and a bool [N] mask of the
-        images that were selected (all False when ``ratio`` rounds to zero pixels).
+        images that were erased (selected, with a map that has contrast; all False when
+        ``ratio`` rounds to zero pixels).
     """
     _check_images(images)
     _check_unit_interval(ratio, "ratio")
@@ -82,12 +123,15 @@ def besm_erase(
     if not bool(torch.isfinite(saliency).all()):
         raise ValueError("saliency contains NaN or infinite values")
     selected = (_uniform(n, generator) < prob).to(images.device)
+    flat = saliency.flatten(1)
+    selected &= (flat.amax(dim=1) > flat.amin(dim=1)).to(images.device)
     count = round(ratio * height * width)
     erased = images.clone()
     if count == 0:
         return erased, torch.zeros_like(selected)
     if not bool(selected.any()):
         return erased, selected
+    fill = erase_fill(value, erased[selected], generator)
     maps = F.interpolate(
         saliency[selected][:, None].float().to(images.device),
         size=(height, width),
@@ -97,7 +141,8 @@ def besm_erase(
     order = torch.sort(maps, dim=1, descending=True, stable=True).indices[:, :count]
     mask = torch.zeros_like(maps, dtype=torch.bool).scatter_(1, order, True)
     mask = mask.view(-1, 1, height, width)
-    erased[selected] = erased[selected].masked_fill(mask, value)
+    erased[selected] = torch.where(mask, fill, erased[selected]) if isinstance(fill, Tensor) \
+        else erased[selected].masked_fill(mask, fill)
     return erased, selected
 
 
@@ -106,7 +151,7 @@ def random_erase(
     prob: float = 0.5,
     area: tuple[float, float] = (0.02, 0.4),
     aspect: tuple[float, float] = (0.3, 3.33),
-    value: float | None = 0.0,
+    value: float | str | None = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Random Erasing (Zhong et al.): erase one random rectangle per selected image.
@@ -122,7 +167,8 @@ def random_erase(
         prob: selection probability in [0, 1].
         area: (min, max) area fraction, 0 < min <= max <= 1.
         aspect: (min, max) aspect ratio h / w, 0 < min <= max.
-        value: fill value, or None for per-pixel standard normal noise.
+        value: fill value as for :func:`besm_erase` (a number, ``"mean"``, ``"zero"``), or
+            ``"random"`` / None for per-pixel standard normal noise.
         generator: source of all random draws.
 
     Returns:
@@ -140,6 +186,11 @@ def random_erase(
     n, channels, height, width = images.shape
     erased = images.clone()
     was_erased = torch.zeros(n, dtype=torch.bool, device=images.device)
+    noise = value is None or value == "random"
+    if not noise:
+        constant = erase_fill(value, images[:1])
+        if isinstance(constant, Tensor):
+            constant = constant.view(channels, 1, 1)
     log_lo, log_hi = math.log(lo_aspect), math.log(hi_aspect)
     for i in range(n):
         if _uniform(1, generator).item() >= prob:
@@ -153,14 +204,14 @@ def random_erase(
             if 1 <= h <= height and 1 <= w <= width:
                 top = _randint(height - h + 1, generator)
                 left = _randint(width - w + 1, generator)
-                if value is None:
+                if noise:
                     device = generator.device if generator is not None else torch.device("cpu")
                     fill = torch.randn((channels, h, w), generator=generator, device=device).to(
                         erased
                     )
                     erased[i, :, top : top + h, left : left + w] = fill
                 else:
-                    erased[i, :, top : top + h, left : left + w] = value
+                    erased[i, :, top : top + h, left : left + w] = constant
                 was_erased[i] = True
                 break
     return erased, was_erased
