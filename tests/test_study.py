@@ -51,7 +51,7 @@ def test_summary_means_stds_and_paired_differences():
     assert occluded["reliable"]  # 0.05 is far more than 2 standard errors (0.012) from 0
     normal = diff["normal"]["rank1"]
     assert normal["values"] == pytest.approx([0.01, 0.0, 0.02]) and not normal["reliable"]
-    gain = diff["occlusion_gain"]["rank1"]
+    gain = diff["occluded_gain"]["rank1"]
     assert gain["values"] == pytest.approx([0.04, 0.04, 0.04])
 
     table = format_summary(summary)

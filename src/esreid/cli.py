@@ -247,7 +247,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     try:
         run_study(out_dir=Path(os.path.expandvars(args.out)).expanduser(), models=args.models,
-                  seeds=args.seeds, settings=args.overrides)
+                  seeds=args.seeds, settings=args.overrides, design=args.design)
     except TrainingInterrupted as stop:
         print(f"esreid study: {stop}; run the same esreid study command again to go on",
               file=sys.stderr, flush=True)
@@ -599,13 +599,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("study", help="Base, ESB and ES-Net over several seeds on the synthetic "
-                                     "benchmark, evaluated on normal and occluded queries")
+    p = sub.add_parser("study", help="models x seeds on the synthetic benchmark, evaluated on "
+                                     "several query sets (designs: occlusion, mechanism)")
+    p.add_argument("--design", default="occlusion", choices=["occlusion", "mechanism"],
+                   help="occlusion (default): Base, ESB, ES-Net on normal and occluded queries; "
+                        "mechanism: a dominant but unreliable cue, Base, ES-Net and two "
+                        "controls on normal, changed-upper and occluded-upper queries")
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study); "
                    "run again to resume an interrupted study, finished runs are kept")
-    p.add_argument("--models", nargs="+", default=["base", "esb", "esnet"], metavar="PRESET",
-                   help="presets to compare (default: base esb esnet); differences are "
-                        "taken to base")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="the design's models (or presets) to run (default: all of the "
+                        "design's; occlusion: base esb esnet; mechanism: base esnet "
+                        "esnet_randmap esnet_gap); differences are taken to base")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                    help="training seeds, one run per model and seed (default: 0 1 2)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],

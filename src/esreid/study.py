@@ -1,16 +1,27 @@
-"""``esreid study``: does ES-Net learn more? Base, ESB and ES-Net over several seeds.
+"""``esreid study``: does ES-Net learn more? Models x seeds on the synthetic benchmark.
 
-Every model is trained with the same backbone, image size, budget and seeds on the embedded
-synthetic benchmark, then evaluated twice: on the ordinary queries and on the occluded-query
-variant of the same test set (each query has one body part covered, see
-``docs/synthetic.md``), evaluation only. The summary gives mean ± std over seeds and the
-paired differences to Base per seed (same seed, same benchmark, same batches).
+A study is a :class:`StudyDesign`: the models (a preset plus overrides, each over the first
+seeds of the study), the query sets every model is evaluated on (variants of the same test
+set: the ordinary queries and, evaluation only, queries with a body part covered or re-drawn,
+see ``docs/synthetic.md``), the training settings and the benchmark options. Two designs:
+
+- ``occlusion`` (the default): Base, ESB and ES-Net on the ordinary benchmark, normal and
+  occluded queries (docs/experiments.md, "the first study");
+- ``mechanism``: the benchmark with a dominant but unreliable cue (every training identity
+  tells itself apart by its upper garment, which each query wears in another colour), Base
+  and ES-Net over 3 seeds and two controls over 2 (ES-Net erasing random maps of BESM's area,
+  ES-Net with GAP in the ESB), on normal, changed-upper and occluded-upper queries, plus how
+  well BESM's erasing targets the dominant part.
+
+Every model is trained with the same backbone, image size, budget and seeds. The summary
+gives mean ± std over seeds and the paired differences to Base per seed (same seed, same
+benchmark, same batches).
 
 Layout of ``<out>``::
 
-    synthetic/ synthetic_occluded/    the two benchmarks (generated once, then reused)
-    runs/<preset>_seed<S>/            ordinary run folders: results.json (ordinary queries)
-                                      and results_occluded.json (occluded queries)
+    synthetic/ synthetic_<set>/       the benchmarks (generated once, then reused)
+    runs/<model>_seed<S>/             ordinary run folders: results.json (ordinary queries)
+                                      and results_<set>.json (each other query set)
     study.json  study.md  study.png   the summary, its table and its figure
 
 A run whose results are there is not trained again; an interrupted one is resumed from its
@@ -19,12 +30,14 @@ last checkpoint, so the command can simply be started again.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +47,14 @@ import torch
 from esreid import __version__
 from esreid.config import Config, ConfigError, diff_configs, experiment_changes, load_config
 from esreid.data import load_dataset
+from esreid.data.loader import read_rgb
 from esreid.data.records import ReIDData
 from esreid.data.synthetic import ensure_synthetic
 from esreid.engine.checkpoint import RunFolder
 from esreid.engine.evaluate import evaluate_model
 from esreid.engine.trainer import Trainer
 from esreid.metrics import load_results, write_results
+from esreid.saliency.erasing import besm_erase
 from esreid.utils import atomic_write_json, atomic_write_text, setup_run_logging
 
 log = logging.getLogger("esreid.study")
@@ -48,7 +63,7 @@ log = logging.getLogger("esreid.study")
 MODEL_LABELS = {"base": "Base", "esb": "ESB", "esnet": "ES-Net"}
 DEFAULT_MODELS = ("base", "esb", "esnet")
 DEFAULT_SEEDS = (0, 1, 2)
-#: The two query sets every model is evaluated on.
+#: The two query sets of the occlusion design.
 QUERY_SETS = ("normal", "occluded")
 OCCLUDED_RESULTS = "results_occluded.json"
 #: The metrics the summary reports.
@@ -79,8 +94,107 @@ STUDY_SETTINGS = [
     "eval.batch_size=256",
 ]
 
+#: The mechanism design's settings (docs/experiments.md, "the mechanism study"): a ResNet-10
+#: from scratch at 96x48, so that layer4's map has 6x3 cells, and a budget chosen from a pilot
+#: of Base alone, before any ES-Net run, so that Base nearly fits its training set.
+MECHANISM_SETTINGS = [
+    "model.backbone=resnet10",
+    "model.pretrained=none",
+    "data.name=synthetic",
+    "data.synth_ids=200",
+    "data.height=96",
+    "data.width=48",
+    "data.ids_per_batch=8",
+    "data.num_instances=4",
+    "data.num_workers=1",
+    "optim.epochs=10",
+    "optim.iters_per_epoch=30",
+    "optim.lr=3.5e-4",
+    "optim.warmup_epochs=1",
+    "optim.milestones=[8]",
+    "train.checkpoint_every=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "eval.batch_size=256",
+]
+
 # Keys the study sets itself for every run.
 _STUDY_KEYS = ("train.seed", "train.run_name", "train.output_dir", "data.root", "data.name")
+
+
+@dataclass(frozen=True)
+class StudyModel:
+    """One model of a study: a preset with overrides, trained on the first ``max_seeds`` of
+    the study's seeds (all when None). ``key`` names its run folders (``<key>_seed<S>``)."""
+
+    key: str
+    label: str
+    preset: str
+    overrides: tuple[str, ...] = ()
+    max_seeds: int | None = None
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """A query set: the test set with the queries generated with ``options`` (none for the
+    ordinary queries). Its benchmark is ``synthetic_<name>`` and its results
+    ``results_<name>.json``; the gallery is the ordinary one, byte for byte."""
+
+    name: str
+    title: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """What a study compares: models, query sets (the first is the ordinary one), training
+    settings and the options of every benchmark it generates."""
+
+    name: str
+    models: tuple[StudyModel, ...]
+    query_sets: tuple[QuerySet, ...]
+    settings: tuple[str, ...]
+    benchmark: dict[str, Any] = field(default_factory=dict)
+    reference: str = "base"
+    #: The part whose erasing the targeting measurement checks (None: not measured).
+    target_part: str | None = None
+
+    def model(self, key: str) -> StudyModel:
+        """The design's model ``key``, or the plain preset of that name."""
+        for m in self.models:
+            if m.key == key:
+                return m
+        return StudyModel(key, MODEL_LABELS.get(key, key), key)
+
+
+DESIGNS: dict[str, StudyDesign] = {
+    "occlusion": StudyDesign(
+        name="occlusion",
+        models=tuple(StudyModel(k, MODEL_LABELS[k], k) for k in DEFAULT_MODELS),
+        query_sets=(QuerySet("normal", "normal"),
+                    QuerySet("occluded", "occluded", {"occlude_queries": "all"})),
+        settings=tuple(STUDY_SETTINGS),
+    ),
+    "mechanism": StudyDesign(
+        name="mechanism",
+        models=(StudyModel("base", "Base", "base"),
+                StudyModel("esnet", "ES-Net", "esnet"),
+                StudyModel("esnet_randmap", "ES-Net, random maps", "esnet",
+                           ("erase.method=randmap",), max_seeds=2),
+                StudyModel("esnet_gap", "ES-Net, GAP in the ESB", "esnet",
+                           ("model.esb_pool=gap",), max_seeds=2)),
+        query_sets=(QuerySet("normal", "normal"),
+                    QuerySet("changed", "changed upper", {"change_queries": "upper"}),
+                    QuerySet("occluded", "occluded upper", {"occlude_queries": "upper"})),
+        settings=tuple(MECHANISM_SETTINGS),
+        benchmark={"dominant_cue": "upper"},
+        target_part="upper",
+    ),
+}
+
+
+def _results_name(query_set: str) -> str:
+    return "results.json" if query_set == "normal" else f"results_{query_set}.json"
 
 
 def _check_arguments(models: Sequence[str], seeds: Sequence[int], settings: Sequence[str]) -> None:
@@ -102,32 +216,37 @@ def _check_arguments(models: Sequence[str], seeds: Sequence[int], settings: Sequ
                               "--seeds, folders with --out); leave it out")
 
 
-def _configs(out_dir: Path, models: Sequence[str], seeds: Sequence[int],
+def _configs(out_dir: Path, models: Sequence[StudyModel], seeds: Sequence[int],
              settings: Sequence[str]) -> dict[tuple[str, int], Config]:
     """The config of every run, loaded (and so validated) before anything is trained."""
     cfgs = {}
     # Seed by seed, so that a study stopped early already holds complete paired comparisons.
-    for seed in seeds:
-        for preset in models:
-            overrides = [*settings, f"data.root={out_dir / 'synthetic'}",
+    for i, seed in enumerate(seeds):
+        for model in models:
+            if model.max_seeds is not None and i >= model.max_seeds:
+                continue
+            overrides = [*settings, *model.overrides, f"data.root={out_dir / 'synthetic'}",
                          f"train.output_dir={out_dir / 'runs'}", f"train.seed={seed}",
-                         f"train.run_name={preset}_seed{seed}"]
-            cfgs[preset, seed] = load_config(preset, overrides)
+                         f"train.run_name={model.key}_seed{seed}"]
+            cfgs[model.key, seed] = load_config(model.preset, overrides)
     first = next(iter(cfgs.values())).data
-    for (preset, _), cfg in cfgs.items():
+    for (key, _), cfg in cfgs.items():
         if (cfg.data.height, cfg.data.width) != (first.height, first.width):
-            raise ConfigError(f"--models {preset}: its image size differs from the others'; "
+            raise ConfigError(f"--models {key}: its image size differs from the others'; "
                               "the study compares models at one size")
     return cfgs
 
 
-def _benchmarks(out_dir: Path, cfg: Config) -> tuple[Path, Path]:
-    """The ordinary benchmark and its occluded-query variant (same ids, seed and size)."""
+def _benchmarks(out_dir: Path, cfg: Config, design: StudyDesign) -> dict[str, Path]:
+    """Every query set's benchmark (same ids, seed, size and options; the first is the one
+    the models train on)."""
     params = {"num_ids": cfg.data.synth_ids, "seed": cfg.data.synth_seed,
-              "height": cfg.data.height, "width": cfg.data.width}
-    clean = ensure_synthetic(out_dir / "synthetic", **params)
-    occluded = ensure_synthetic(out_dir / "synthetic_occluded", occlude_queries="all", **params)
-    return clean, occluded
+              "height": cfg.data.height, "width": cfg.data.width, **design.benchmark}
+    roots = {}
+    for qs in design.query_sets:
+        folder = out_dir / ("synthetic" if qs.name == "normal" else f"synthetic_{qs.name}")
+        roots[qs.name] = ensure_synthetic(folder, **params, **qs.options)
+    return roots
 
 
 #: Keys of a run's last training record that the summary reports: the loss terms of each
@@ -151,30 +270,39 @@ def _train_records(folder: RunFolder) -> list[dict[str, Any]]:
     return records
 
 
-def evaluate_occluded(model: torch.nn.Module, cfg: Config, occluded_data: ReIDData,
-                      occluded_root: Path, run_dir: Path, epoch: int,
-                      device: torch.device | str = "cpu",
-                      gallery_features: torch.Tensor | None = None) -> dict[str, Any]:
-    """Evaluate ``model`` on the occluded-query variant and write ``run_dir/results_occluded.json``.
+def evaluate_query_set(model: torch.nn.Module, cfg: Config, data: ReIDData, root: Path,
+                       run_dir: Path, epoch: int, query_set: str,
+                       device: torch.device | str = "cpu",
+                       gallery_features: torch.Tensor | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on query set ``query_set`` (benchmark ``data`` at ``root``) and write
+    ``run_dir/results_<query_set>.json``.
 
     ``gallery_features``: the gallery descriptors from the evaluation on the ordinary queries
-    (the two benchmarks share the gallery byte for byte), so only the queries are embedded.
-    The results say ``dataset: synthetic_occluded`` so that reports keep them apart.
+    (the benchmarks share the gallery byte for byte), so only the queries are embedded. The
+    results say ``dataset: synthetic_<query_set>`` so that reports keep them apart.
     """
     with torch.no_grad():
-        result = evaluate_model(model, occluded_data, cfg, device,
-                                gallery_features=gallery_features)
-    result.update(dataset="synthetic_occluded", query_set="occluded", epoch=epoch,
-                  data_root=str(occluded_root), run_dir=str(run_dir))
-    write_results(Path(run_dir) / OCCLUDED_RESULTS, result)
-    log.info("%s on occluded queries: rank-1 %.1f%%, mAP %.1f%%", result["run"],
+        result = evaluate_model(model, data, cfg, device, gallery_features=gallery_features)
+    result.update(dataset=f"synthetic_{query_set}", query_set=query_set, epoch=epoch,
+                  data_root=str(root), run_dir=str(run_dir))
+    write_results(Path(run_dir) / _results_name(query_set), result)
+    log.info("%s on %s queries: rank-1 %.1f%%, mAP %.1f%%", result["run"], query_set,
              100 * result["metrics"]["rank1"], 100 * result["metrics"]["mAP"])
     return result
 
 
-def _run_one(cfg: Config, data: ReIDData, occluded_data: ReIDData,
-             occluded_root: Path) -> dict[str, Any]:
-    """Train (or resume, or skip) one run and evaluate it on both query sets."""
+def evaluate_occluded(model: torch.nn.Module, cfg: Config, occluded_data: ReIDData,
+                      occluded_root: Path, run_dir: Path, epoch: int,
+                      device: torch.device | str = "cpu",
+                      gallery_features: torch.Tensor | None = None) -> dict[str, Any]:
+    """:func:`evaluate_query_set` for the occluded queries (``results_occluded.json``)."""
+    return evaluate_query_set(model, cfg, occluded_data, occluded_root, run_dir, epoch,
+                              "occluded", device, gallery_features)
+
+
+def _run_one(cfg: Config, datasets: dict[str, ReIDData],
+             roots: dict[str, Path]) -> tuple[Trainer, dict[str, Any]]:
+    """Train (or resume, or skip) one run and evaluate it on every query set."""
     folder = RunFolder(Path(cfg.train.output_dir) / cfg.train.run_name)
     resume = "auto" if folder.contents() else None
     if resume and folder.config.is_file():
@@ -186,27 +314,29 @@ def _run_one(cfg: Config, data: ReIDData, occluded_data: ReIDData,
                 f"{folder.path} holds a run with other settings than this study's ("
                 + ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in changed)
                 + "): use another --out, or delete that run folder")
-    trainer = Trainer(cfg, data=data, resume=resume)
+    trainer = Trainer(cfg, data=datasets["normal"], resume=resume)
     feats: dict[str, torch.Tensor] = {}
-    normal = trainer.finished_results()
-    if normal is None:
+    results = {"normal": trainer.finished_results()}
+    if results["normal"] is None:
         trainer.fit(evaluate=False)
-        normal = trainer.evaluate_and_save(features_out=feats)
-    occluded_path = folder.path / OCCLUDED_RESULTS
-    occluded = None
-    if occluded_path.is_file():
-        occluded = load_results(occluded_path)
-        if occluded.get("epoch") != trainer.epoch:
-            occluded = None  # written before the run trained further
-    if occluded is None:
-        occluded = evaluate_occluded(trainer.model, cfg, occluded_data, occluded_root,
-                                     folder.path, trainer.epoch, trainer.device,
-                                     gallery_features=feats.get("gallery"))
+        results["normal"] = trainer.evaluate_and_save(features_out=feats)
+    for name, data in datasets.items():
+        if name == "normal":
+            continue
+        path = folder.path / _results_name(name)
+        result = load_results(path) if path.is_file() else None
+        if result is not None and result.get("epoch") != trainer.epoch:
+            result = None  # written before the run trained further
+        if result is None:
+            result = evaluate_query_set(trainer.model, cfg, data, roots[name], folder.path,
+                                        trainer.epoch, name, trainer.device,
+                                        gallery_features=feats.get("gallery"))
+        results[name] = result
     records = _train_records(folder)
     last = records[-1] if records else {}
-    return {"normal": normal, "occluded": occluded, "run_dir": str(folder.path),
-            "train_seconds": sum(float(r.get("seconds", 0.0)) for r in records),
-            "last_epoch": {k: last[k] for k in DIAGNOSTIC_KEYS if k in last}}
+    return trainer, {**results, "run_dir": str(folder.path),
+                     "train_seconds": sum(float(r.get("seconds", 0.0)) for r in records),
+                     "last_epoch": {k: last[k] for k in DIAGNOSTIC_KEYS if k in last}}
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -217,37 +347,48 @@ def _mean_std(values: Sequence[float]) -> dict[str, Any]:
             "stderr": std / math.sqrt(len(arr)), "n": len(arr)}
 
 
-def summarize(runs: dict[str, dict[int, dict[str, Any]]], reference: str = "base") -> dict[str, Any]:
+def _reliable(stats: dict[str, Any]) -> dict[str, Any]:
+    stats["reliable"] = stats["n"] > 1 and abs(stats["mean"]) > 2 * stats["stderr"]
+    return stats
+
+
+def summarize(runs: dict[str, dict[int, dict[str, Any]]], reference: str = "base",
+              query_sets: Sequence[str] = QUERY_SETS,
+              labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Aggregate per-seed results into the study's summary.
 
-    ``runs[preset][seed]`` holds ``{"normal": results, "occluded": results}``. Returns
-    ``models`` (per preset, query set and metric: values per seed, mean, std, stderr) and,
-    when ``reference`` is among the presets, ``differences``: per other preset, query set and
-    metric, the paired difference preset - reference for each seed both have, its mean, std
-    and standard error, ``reliable`` (|mean| > 2 standard errors, with 2+ seeds), plus
-    ``occlusion_gain``: (preset - reference on occluded) - (preset - reference on normal).
-    ``diagnostics`` holds, per preset, the means over seeds of the last epoch's
-    :data:`DIAGNOSTIC_KEYS` found in ``runs[preset][seed]["last_epoch"]`` (when present).
+    ``runs[model][seed]`` holds ``{query_set: results}`` for every name of ``query_sets``
+    (the first is the ordinary one). Returns ``models`` (per model, query set and metric:
+    values per seed, mean, std, stderr) and, when ``reference`` is among the models,
+    ``differences``: per other model, query set and metric, the paired difference
+    model - reference for each seed both have, its mean, std and standard error, ``reliable``
+    (|mean| > 2 standard errors, with 2+ seeds), plus ``<set>_gain`` for every other set:
+    (model - reference on that set) - (model - reference on the ordinary queries).
+    ``diagnostics`` holds, per model, the means over seeds of the last epoch's
+    :data:`DIAGNOSTIC_KEYS` found in ``runs[model][seed]["last_epoch"]`` (when present).
     """
+    labels = labels or {}
+    query_sets = list(query_sets)
     models: dict[str, Any] = {}
-    for preset, per_seed in runs.items():
+    for key, per_seed in runs.items():
         seeds = sorted(per_seed)
-        models[preset] = {"label": MODEL_LABELS.get(preset, preset), "seeds": seeds}
-        for qs in QUERY_SETS:
-            models[preset][qs] = {m: _mean_std([per_seed[s][qs]["metrics"][m] for s in seeds])
-                                  for m in METRICS}
+        models[key] = {"label": labels.get(key, MODEL_LABELS.get(key, key)), "seeds": seeds}
+        for qs in query_sets:
+            models[key][qs] = {m: _mean_std([per_seed[s][qs]["metrics"][m] for s in seeds])
+                               for m in METRICS}
     diagnostics = {}
-    for preset, per_seed in runs.items():
+    for key, per_seed in runs.items():
         last = [r.get("last_epoch", {}) for r in per_seed.values()]
         keys = [k for k in DIAGNOSTIC_KEYS if all(k in d for d in last) and last]
         if keys:
-            diagnostics[preset] = {k: float(np.mean([d[k] for d in last])) for k in keys}
+            diagnostics[key] = {k: float(np.mean([d[k] for d in last])) for k in keys}
     summary: dict[str, Any] = {"models": models, "reference": reference, "differences": {},
-                               "diagnostics": diagnostics}
+                               "diagnostics": diagnostics, "query_sets": query_sets}
     if reference not in runs:
         return summary
-    for preset, per_seed in runs.items():
-        if preset == reference:
+    ordinary = query_sets[0]
+    for key, per_seed in runs.items():
+        if key == reference:
             continue
         seeds = sorted(set(per_seed) & set(runs[reference]))
         if not seeds:
@@ -257,18 +398,14 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], reference: str = "base
         def delta(qs: str, m: str, s: int, p: dict = per_seed) -> float:
             return p[s][qs]["metrics"][m] - runs[reference][s][qs]["metrics"][m]
 
-        for qs in QUERY_SETS:
-            diff[qs] = {}
-            for m in METRICS:
-                stats = _mean_std([delta(qs, m, s) for s in seeds])
-                stats["reliable"] = len(seeds) > 1 and abs(stats["mean"]) > 2 * stats["stderr"]
-                diff[qs][m] = stats
-        diff["occlusion_gain"] = {}
-        for m in METRICS:
-            stats = _mean_std([delta("occluded", m, s) - delta("normal", m, s) for s in seeds])
-            stats["reliable"] = len(seeds) > 1 and abs(stats["mean"]) > 2 * stats["stderr"]
-            diff["occlusion_gain"][m] = stats
-        summary["differences"][preset] = diff
+        for qs in query_sets:
+            diff[qs] = {m: _reliable(_mean_std([delta(qs, m, s) for s in seeds]))
+                        for m in METRICS}
+        for qs in query_sets[1:]:
+            diff[f"{qs}_gain"] = {
+                m: _reliable(_mean_std([delta(qs, m, s) - delta(ordinary, m, s) for s in seeds]))
+                for m in METRICS}
+        summary["differences"][key] = diff
     return summary
 
 
@@ -283,65 +420,90 @@ def _per_seed(stats: dict[str, Any]) -> str:
     return ", ".join(f"{100 * v:+.1f}" for v in stats["values"])
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as Markdown: one table of mean ± std per model, one of paired differences."""
-    lines = ["| Model | Seeds | rank-1 (normal) | mAP (normal) | rank-1 (occluded) | "
-             "mAP (occluded) |", "| :-- | --: | --: | --: | --: | --: |"]
+def format_summary(summary: dict[str, Any], titles: dict[str, str] | None = None) -> str:
+    """The summary as Markdown: one table of mean ± std per model, one of paired differences,
+    the last epoch's diagnostics and, when measured, the targeting of the erasing."""
+    query_sets = summary.get("query_sets", list(QUERY_SETS))
+    titles = {**{qs: qs for qs in query_sets}, **(titles or summary.get("titles") or {})}
+    header = " | ".join(f"{_METRIC_TITLES[m]} ({titles[qs]})" for qs in query_sets
+                        for m in METRICS)
+    lines = [f"| Model | Seeds | {header} |",
+             "| :-- | --: |" + " --: |" * (len(query_sets) * len(METRICS))]
     for model in summary["models"].values():
-        cells = [_pm(model[qs][m]) for qs in QUERY_SETS for m in METRICS]
+        cells = [_pm(model[qs][m]) for qs in query_sets for m in METRICS]
         lines.append(f"| {model['label']} | {len(model['seeds'])} | " + " | ".join(cells) + " |")
     if summary["differences"]:
         ref = summary["models"][summary["reference"]]["label"]
         lines += ["", f"Paired differences to {ref} (same seed), percentage points: mean ± std "
                   "over seeds [per seed]; * marks |mean| > 2 standard errors.", "",
                   "| Difference | Query set | rank-1 | mAP |", "| :-- | :-- | --: | --: |"]
-        for preset, diff in summary["differences"].items():
-            name = f"{summary['models'][preset]['label']} − {ref}"
-            rows = [(qs, diff[qs]) for qs in QUERY_SETS]
-            rows.append(("occluded − normal", diff["occlusion_gain"]))
-            for qs, stats in rows:
+        for key, diff in summary["differences"].items():
+            name = f"{summary['models'][key]['label']} − {ref}"
+            rows = [(titles[qs], diff[qs]) for qs in query_sets]
+            rows += [(f"{titles[qs]} − {titles[query_sets[0]]}", diff[f"{qs}_gain"])
+                     for qs in query_sets[1:]]
+            for title, stats in rows:
                 cells = [f"{_pm(stats[m], signed=True)}{' *' if stats[m]['reliable'] else ''} "
                          f"[{_per_seed(stats[m])}]" for m in METRICS]
-                lines.append(f"| {name} | {qs} | " + " | ".join(cells) + " |")
+                lines.append(f"| {name} | {title} | " + " | ".join(cells) + " |")
     diagnostics = summary.get("diagnostics") or {}
     keys = [k for k in DIAGNOSTIC_KEYS if any(k in d for d in diagnostics.values())]
     if keys:
         lines += ["", "Last training epoch, mean over seeds: loss terms per branch, the "
                   "over-erasing diagnostic (loss of the last batch, clean and with every image "
-                  "erased), the fraction of images erased, P-pooling's l.", "",
+                  "erased), the fractions of images erased, of maps without contrast (not "
+                  "erased) and of pixels erased, P-pooling's l.", "",
                   "| Model | " + " | ".join(keys) + " |", "| :-- |" + " --: |" * len(keys)]
-        for preset, values in diagnostics.items():
+        for key, values in diagnostics.items():
             cells = [f"{values[k]:.3f}" if k in values else "-" for k in keys]
-            label = summary["models"][preset]["label"]
+            label = summary["models"][key]["label"]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    targeting = summary.get("targeting")
+    if targeting:
+        part = targeting["part"]
+        lines += ["", f"Targeting: the share of the erased pixels inside the {part} part's box "
+                  f"on clean training images ({targeting['images']} per run; chance = the box's "
+                  f"share of the image, {100 * targeting['chance']:.1f}%), mean over seeds, "
+                  "with the maps training uses (BatchNorm in training mode) and in eval mode, "
+                  "and the IoU of the two masks.", "",
+                  f"| Model | in {part} (train mode) | in {part} (eval mode) | train/eval IoU | "
+                  "maps without contrast |", "| :-- | --: | --: | --: | --: |"]
+        for key, t in targeting["models"].items():
+            label = summary["models"][key]["label"]
+            lines.append(f"| {label} | {_pm(t['inside_train'])} | {_pm(t['inside_eval'])} | "
+                         f"{t['iou']['mean']:.3f} ± {t['iou']['std']:.3f} | "
+                         f"{_pm(t['zero_maps'])} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:
-    """Bar chart: per metric a panel, per model a pair of bars (normal, occluded queries),
-    mean over seeds with ± std error bars and each seed as a dot; written as PNG."""
+    """Bar chart: per metric a panel, per model a group of bars (one per query set), mean
+    over seeds with ± std error bars and each seed as a dot; written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    query_sets = summary.get("query_sets", list(QUERY_SETS))
+    titles = {**{qs: qs for qs in query_sets}, **(summary.get("titles") or {})}
     models = list(summary["models"].values())
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
-    width = 0.38
-    colors = {"normal": "#4c72b0", "occluded": "#dd8452"}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(max(4.2, 1.6 * len(models) + 1.5)
+                                                       * len(METRICS), 3.8), squeeze=False)
+    width = 0.8 / len(query_sets)
+    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     for ax, metric in zip(axes[0], METRICS, strict=True):
         x = np.arange(len(models))
-        for k, qs in enumerate(QUERY_SETS):
-            pos = x + (k - 0.5) * width
+        for k, qs in enumerate(query_sets):
+            pos = x + (k - (len(query_sets) - 1) / 2) * width
             means = [100 * m[qs][metric]["mean"] for m in models]
             stds = [100 * m[qs][metric]["std"] for m in models]
-            ax.bar(pos, means, width, yerr=stds, capsize=4, color=colors[qs],
-                   label=f"{qs} queries", edgecolor="black", linewidth=0.5)
+            ax.bar(pos, means, width, yerr=stds, capsize=3, color=palette[k % len(palette)],
+                   label=f"{titles[qs]} queries", edgecolor="black", linewidth=0.5)
             for p, m in zip(pos, models, strict=True):
                 values = [100 * v for v in m[qs][metric]["values"]]
                 ax.plot([p] * len(values), values, "o", color="black", markersize=3, zorder=3)
         ax.set_xticks(x)
-        ax.set_xticklabels([m["label"] for m in models])
+        ax.set_xticklabels([m["label"].replace(", ", ",\n") for m in models], fontsize=8)
         ax.set_ylabel(f"{_METRIC_TITLES[metric]} (%)")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
@@ -349,60 +511,165 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     seeds = sorted({len(m["seeds"]) for m in models})
     fig.suptitle(f"Synthetic benchmark, mean ± std over {'/'.join(map(str, seeds))} seeds "
                  "(dots: seeds)", fontsize=10)
-    axes[0][0].legend(loc="upper right", fontsize=8)
+    axes[0][0].legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def run_study(out_dir: Path = Path("runs/study"), models: Sequence[str] = DEFAULT_MODELS,
-              seeds: Sequence[int] = DEFAULT_SEEDS,
-              settings: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train and evaluate every (model, seed), then write and return the summary.
+#: Clean training images the targeting measurement looks at per run (whole identities).
+TARGETING_IDS = 16
 
-    ``settings`` are ``section.key=value`` overrides applied after :data:`STUDY_SETTINGS`
-    (``train.seed``, ``train.run_name``, ``train.output_dir``, ``data.root`` and
+
+def _erased_mask(images: torch.Tensor, maps: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[N, H, W] bool: the pixels BESM erases from ``maps`` (every image selected; a map
+    without contrast erases nothing)."""
+    sentinel = 1e4  # no normalised pixel comes near it
+    erased, _ = besm_erase(images, maps, ratio, 1.0, sentinel)
+    return (erased == sentinel).all(dim=1)
+
+
+def measure_targeting(trainer: Trainer, root: Path, part: str,
+                      num_ids: int = TARGETING_IDS) -> dict[str, float]:
+    """How well BESM's erasing hits ``part`` on clean training images of a trained run.
+
+    The first ``num_ids`` training identities with ``data.num_instances`` images each, at the
+    model's size without augmentation, in batches of the run's J x K. For each image the
+    ESB's CG-RAM maps (Eq. 5, easiest positive in its batch) with the BatchNorm layers in
+    training mode, as training computes them (on a copy, so no running statistic changes),
+    and in eval mode; the run's ratio R erased from each. Returns ``inside_train`` /
+    ``inside_eval`` (share of the erased pixels inside the part's box), ``inside_random``
+    (the same for uniform random maps of the same resolution), ``chance`` (the box's share of
+    the image), ``iou`` (train- vs eval-mode masks, over images either erases), ``zero_maps``
+    (share of training-mode maps without contrast) and ``images``.
+    """
+    from esreid.data.synthetic import part_boxes
+    from esreid.data.transforms import build_transforms
+
+    cfg = trainer.cfg
+    ratio = float(trainer.model.eraser.diagnostic_ratio)
+    k = cfg.data.num_instances
+    by_pid: dict[int, list] = {}
+    for record in trainer.data.train:
+        by_pid.setdefault(record.pid, []).append(record)
+    records = [r for pid in sorted(by_pid)[:num_ids] for r in by_pid[pid][:k]
+               if len(by_pid[pid]) >= k]
+    boxes = part_boxes(root, part, [Path(r.path).name for r in records])
+    transform = build_transforms(cfg.data.height, cfg.data.width, is_train=False)
+    images = torch.stack([transform(read_rgb(r.path)) for r in records])
+    pids = torch.tensor([r.pid for r in records])
+    height, width = images.shape[-2:]
+    inside = torch.zeros(len(records), height, width, dtype=torch.bool)
+    for i, r in enumerate(records):
+        top, bottom, left, right = boxes[Path(r.path).name]
+        inside[i, top:bottom, left:right] = True
+    train_model = copy.deepcopy(trainer.model).cpu().train()
+    eval_model = copy.deepcopy(trainer.model).cpu().eval()
+    gen = torch.Generator().manual_seed(0)
+    batch = cfg.data.ids_per_batch * k
+    masks: dict[str, list[torch.Tensor]] = {"train": [], "eval": [], "random": []}
+    zero = []
+    for start in range(0, len(records), batch):
+        x, y = images[start:start + batch], pids[start:start + batch]
+        train_maps = train_model.saliency_maps(x, y)
+        flat = train_maps.flatten(1)
+        zero.append(flat.amax(1) <= flat.amin(1))
+        masks["train"].append(_erased_mask(x, train_maps, ratio))
+        masks["eval"].append(_erased_mask(x, eval_model.saliency_maps(x, y), ratio))
+        random_maps = torch.rand(train_maps.shape, generator=gen)
+        masks["random"].append(_erased_mask(x, random_maps, ratio))
+    m = {name: torch.cat(parts) for name, parts in masks.items()}
+
+    def share(mask: torch.Tensor) -> float:
+        return float((mask & inside).sum() / mask.sum().clamp_min(1))
+
+    union = (m["train"] | m["eval"]).flatten(1).sum(1)
+    both = union > 0
+    iou = ((m["train"] & m["eval"]).flatten(1).sum(1)[both] / union[both]).float()
+    return {"inside_train": share(m["train"]), "inside_eval": share(m["eval"]),
+            "inside_random": share(m["random"]),
+            "chance": float(inside.float().mean()),
+            "iou": float(iou.mean()) if len(iou) else float("nan"),
+            "zero_maps": float(torch.cat(zero).float().mean()), "images": len(records)}
+
+
+def _summarize_targeting(per_model: dict[str, list[dict[str, float]]], part: str
+                         ) -> dict[str, Any]:
+    """Mean ± std over seeds of each targeting figure, per model."""
+    keys = ("inside_train", "inside_eval", "inside_random", "iou", "zero_maps")
+    first = next(iter(per_model.values()))[0]
+    return {"part": part, "chance": first["chance"], "images": first["images"],
+            "models": {key: {k: _mean_std([run[k] for run in runs]) for k in keys}
+                       for key, runs in per_model.items()}}
+
+
+def run_study(out_dir: Path = Path("runs/study"), models: Sequence[str] | None = None,
+              seeds: Sequence[int] = DEFAULT_SEEDS, settings: Sequence[str] | None = None,
+              design: str | StudyDesign = "occlusion") -> dict[str, Any]:
+    """Train and evaluate every (model, seed) of ``design``, then write and return the summary.
+
+    ``models``: keys of the design's models (or plain preset names) to run; default all of
+    them. ``settings`` are ``section.key=value`` overrides applied after the design's
+    settings (``train.seed``, ``train.run_name``, ``train.output_dir``, ``data.root`` and
     ``data.name`` are the study's own and refused). Finished runs are reused, interrupted ones
     resumed. Writes ``study.json`` (the summary with every run's numbers), ``study.md`` and
     ``study.png`` into ``out_dir`` and prints the table.
     """
     start = time.time()
+    if isinstance(design, str):
+        if design not in DESIGNS:
+            raise ConfigError(f"--design: {design!r} is not one of {', '.join(DESIGNS)}")
+        design = DESIGNS[design]
     out_dir = Path(out_dir).expanduser()
-    models, seeds = list(models), list(seeds)
+    keys = [m.key for m in design.models] if models is None else list(models)
+    seeds = list(seeds)
     extra = list(settings or [])
-    _check_arguments(models, seeds, extra)
-    all_settings = STUDY_SETTINGS + extra
-    cfgs = _configs(out_dir, models, seeds, all_settings)
+    _check_arguments(keys, seeds, extra)
+    chosen = [design.model(k) for k in keys]
+    all_settings = list(design.settings) + extra
+    cfgs = _configs(out_dir, chosen, seeds, all_settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_run_logging(out_dir)
-    clean_root, occluded_root = _benchmarks(out_dir, next(iter(cfgs.values())))
-    data = load_dataset("synthetic", clean_root)
-    occluded_data = load_dataset("synthetic", occluded_root)
-    if [(r.pid, r.camid, Path(r.path).name) for r in data.gallery] != [
-            (r.pid, r.camid, Path(r.path).name) for r in occluded_data.gallery]:
-        raise RuntimeError(f"{occluded_root} and {clean_root} do not share their gallery; "
-                           "delete both and start again")
+    roots = _benchmarks(out_dir, next(iter(cfgs.values())), design)
+    datasets = {name: load_dataset("synthetic", root) for name, root in roots.items()}
+    data = datasets["normal"]
+    shared = [(r.pid, r.camid, Path(r.path).name) for r in data.gallery]
+    for name, other in datasets.items():
+        if [(r.pid, r.camid, Path(r.path).name) for r in other.gallery] != shared:
+            raise RuntimeError(f"{roots[name]} and {roots['normal']} do not share their "
+                               "gallery; delete both and start again")
 
     runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for (preset, seed), cfg in cfgs.items():
-        log.info("study: %s, seed %d", preset, seed)
-        runs.setdefault(preset, {})[seed] = _run_one(cfg, data, occluded_data, occluded_root)
+    targeting: dict[str, list[dict[str, float]]] = {}
+    for (key, seed), cfg in cfgs.items():
+        log.info("study: %s, seed %d", key, seed)
+        trainer, result = _run_one(cfg, datasets, roots)
+        runs.setdefault(key, {})[seed] = result
+        if design.target_part and getattr(trainer.model.eraser, "ratio", None) is not None:
+            targeting.setdefault(key, []).append(
+                measure_targeting(trainer, roots["normal"], design.target_part))
 
-    summary = summarize(runs)
+    labels = {m.key: m.label for m in chosen}
+    query_sets = [qs.name for qs in design.query_sets]
+    summary = summarize(runs, design.reference, query_sets, labels)
+    summary["titles"] = {qs.name: qs.title for qs in design.query_sets}
+    if targeting:
+        summary["targeting"] = _summarize_targeting(targeting, design.target_part)
     summary.update({
+        "design": design.name,
         "esreid_version": __version__,
         "settings": all_settings,
-        "benchmark": {"normal": str(clean_root), "occluded": str(occluded_root),
+        "benchmark": {**{name: str(root) for name, root in roots.items()},
+                      "options": design.benchmark,
                       "train_images": len(data.train), "train_ids": data.num_train_pids,
                       "query": len(data.query), "gallery": len(data.gallery)},
-        "runs": {preset: {str(seed): {"run_dir": r["run_dir"],
-                                      "train_seconds": round(r["train_seconds"], 1),
-                                      "normal": r["normal"]["metrics"],
-                                      "occluded": r["occluded"]["metrics"],
-                                      "last_epoch": r["last_epoch"]}
-                          for seed, r in per_seed.items()}
-                 for preset, per_seed in runs.items()},
+        "runs": {key: {str(seed): {"run_dir": r["run_dir"],
+                                   "train_seconds": round(r["train_seconds"], 1),
+                                   **{qs: r[qs]["metrics"] for qs in query_sets},
+                                   "last_epoch": r["last_epoch"]}
+                       for seed, r in per_seed.items()}
+                 for key, per_seed in runs.items()},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "seconds": round(time.time() - start, 1),
@@ -411,10 +678,11 @@ def run_study(out_dir: Path = Path("runs/study"), models: Sequence[str] = DEFAUL
     atomic_write_json(out_dir / "study.json", summary)
     atomic_write_text(out_dir / "study.md", table)
     plot_summary(summary, out_dir / "study.png")
+    others = ", ".join(qs.title for qs in design.query_sets[1:])
     print()
-    print(f"esreid study: {len(models)} models x {len(seeds)} seeds on the synthetic benchmark "
-          f"({len(data.train)} train images of {data.num_train_pids} ids; {len(data.query)} "
-          f"queries, each also with one body part occluded)")
+    print(f"esreid study ({design.name}): {len(chosen)} models x up to {len(seeds)} seeds on the "
+          f"synthetic benchmark ({len(data.train)} train images of {data.num_train_pids} ids; "
+          f"{len(data.query)} queries, also evaluated as {others})")
     print(table)
     print(f"summary: {out_dir / 'study.json'}, {out_dir / 'study.md'}, {out_dir / 'study.png'}")
     return summary
