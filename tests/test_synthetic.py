@@ -627,3 +627,180 @@ def test_synth_command_writes_the_occluded_variant_and_names_a_bad_value(tmp_pat
     err = capsys.readouterr().err
     assert "--occlude-queries must be 'all' or parts among head, upper, lower, shoes" in err
     assert "'knees'" in err and not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- dominant cue
+
+CUE = {**SMALL, "num_ids": 24, "height": 64, "width": 32}
+PARTS = synthetic.OCCLUDABLE_PARTS
+
+
+@pytest.fixture(scope="module")
+def cue_trees(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per part: the dominant-cue benchmark and the same with that part changed in queries."""
+    base = tmp_path_factory.mktemp("cue")
+    trees = {}
+    for part in PARTS:
+        plain, changed = base / part, base / f"{part}_changed"
+        generate_synthetic(plain, progress=False, dominant_cue=part, **CUE)
+        generate_synthetic(changed, progress=False, dominant_cue=part, change_queries=part, **CUE)
+        trees[part] = plain, changed
+    return trees
+
+
+def _identities(root):
+    return json.loads((root / MANIFEST_NAME).read_text())["identities"]
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_identity_has_a_look_of_the_dominant_part_no_other_has(cue_trees, part):
+    identities = _identities(cue_trees[part][0])
+    looks = [tuple(i[a] for a in synthetic.PART_OF[part]) for i in identities]
+    assert len(set(looks)) == len(looks) == CUE["num_ids"]
+    colors = {i[a] for i in identities for a in synthetic._CHANGED_COLORS[part]} - {None}
+    assert colors <= set(synthetic.CUE_COLORS)
+    # Every other part comes from its small palette, so only combinations tell people apart.
+    for attr, palette in synthetic.SMALL_PALETTES.items():
+        if attr not in synthetic.PART_OF[part]:
+            assert {i[attr] for i in identities} <= set(palette), attr
+    assert all(i["bag_side"] is None and i["backpack_color"] is None for i in identities)
+    assert all(i["varies"] is None for i in identities)  # no families
+    # The distractors wear looks of the cue that no identity has.
+    manifest = json.loads((cue_trees[part][0] / MANIFEST_NAME).read_text())
+    assert manifest["params"]["dominant_cue"] == part
+    assert manifest["counts"]["gallery_distractors"] == CUE["num_ids"]
+
+
+def test_the_cue_looks_are_distinct_and_their_colours_far_apart():
+    for part in PARTS:
+        looks = synthetic.cue_combinations(part)
+        assert len({tuple(sorted(x.items(), key=str)) for x in looks}) == len(looks)
+    assert len(synthetic.cue_combinations("upper")) == 14 + 3 * 91
+    colors = list(synthetic.CUE_COLORS.values())
+    assert min(synthetic.delta_e(a, b) for i, a in enumerate(colors) for b in colors[i + 1:]) \
+        >= synthetic.MIN_CHANGE_DELTA_E
+    with pytest.raises(ValueError, match="dominant_cue must be one of head, upper, lower, shoes"):
+        synthetic.cue_combinations("arm")
+
+
+def test_delta_e_against_a_hand_computation():
+    # sRGB white is L* = 100, a* = b* = 0; black is L* = 0.
+    assert synthetic.delta_e((255, 255, 255), (0, 0, 0)) == pytest.approx(100.0, abs=0.05)
+    # Pure red: L* 53.24, a* 80.09, b* 67.20 (CIE, D65).
+    assert synthetic.delta_e((255, 0, 0), (0, 0, 0)) == pytest.approx(
+        (53.24**2 + 80.09**2 + 67.20**2) ** 0.5, abs=0.2)
+
+
+def test_no_colour_of_the_variant_reads_as_the_erase_value():
+    """Erased pixels are 0 after normalisation, the mean colour: no garment, hair or skin
+    colour the dominant-cue variant draws may lie near it, or an erased part would read as a
+    garment of that colour."""
+    mean = synthetic.ERASE_MEAN_RGB
+    assert mean == pytest.approx(tuple(255 * m for m in (0.485, 0.456, 0.406)))
+    palettes = {"hair_color": synthetic.HAIR_COLORS, "skin": synthetic.SKIN_TONES}
+    used = list(synthetic.CUE_COLORS.values())
+    for attr, values in synthetic.SMALL_PALETTES.items():
+        for v in values:
+            if isinstance(v, str) and (attr.endswith("color") or attr == "skin"):
+                used.append(palettes.get(attr, synthetic.CLOTH_COLORS)[v])
+    assert min(synthetic.delta_e(c, mean) for c in used) >= synthetic.MIN_ERASE_DELTA_E
+    # The ordinary benchmark's grey is that close (kept: its bytes must not change).
+    assert synthetic.delta_e(synthetic.CLOTH_COLORS["grey"], mean) < 15
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_changed_queries_change_only_the_queries_and_record_the_change(cue_trees, part):
+    plain, changed = cue_trees[part]
+    for split in ("bounding_box_train", "bounding_box_test"):
+        names = sorted(p.name for p in (plain / split).iterdir())
+        assert names == sorted(p.name for p in (changed / split).iterdir())
+        assert all((plain / split / n).read_bytes() == (changed / split / n).read_bytes()
+                   for n in names)
+    before = json.loads((plain / MANIFEST_NAME).read_text())
+    after = json.loads((changed / MANIFEST_NAME).read_text())
+    assert after["params"].pop("change_queries") == part
+    records = after.pop("changed_queries")
+    assert after == before
+    queries = sorted(p.name for p in (plain / "query").iterdir())
+    assert sorted(r["file"] for r in records) == queries
+    identities = {i["pid"]: i for i in before["identities"]}
+    hidden = 0
+    for r in records:
+        assert r["part"] == part and r["from"]
+        assert r["from"] == {a: identities[r["pid"]][a] for a in r["from"]}
+        for attr, new in r["to"].items():
+            old = synthetic.CUE_COLORS[r["from"][attr]]
+            assert synthetic.delta_e(synthetic.CUE_COLORS[new], old) >= \
+                synthetic.MIN_CHANGE_DELTA_E
+        a = np.asarray(Image.open(plain / "query" / r["file"]), dtype=np.float64)
+        b = np.asarray(Image.open(changed / "query" / r["file"]), dtype=np.float64)
+        diff = np.abs(a - b).mean(axis=2)
+        (top, bottom, left, right), = synthetic.part_boxes(plain, part, [r["file"]]).values()
+        inside = np.zeros(diff.shape, bool)
+        inside[top:bottom, left:right] = True
+        if not diff.any():
+            hidden += 1  # the part is out of the frame or behind an occluder here
+            continue
+        # The part changed; beyond its region (blur, then JPEG blocks) the image did not.
+        assert diff[inside].mean() > 5 * max(diff[~inside].mean(), 0.5), r
+    assert hidden <= 0.25 * len(records)
+    assert len({tuple(r["to"].values()) for r in records}) > 1  # drawn per query
+
+
+def test_changed_queries_work_on_the_ordinary_benchmark_too(tmp_path):
+    for part in PARTS:
+        out = tmp_path / part
+        generate_synthetic(out, progress=False, change_queries=part, **SMALL)
+        records = json.loads((out / MANIFEST_NAME).read_text())["changed_queries"]
+        palette = synthetic.HAIR_COLORS
+        for r in records:
+            for attr, new in r["to"].items():
+                pal = palette if attr == "hair_color" else synthetic.CLOTH_COLORS
+                assert new in pal and synthetic.delta_e(pal[new], pal[r["from"][attr]]) >= \
+                    synthetic.MIN_CHANGE_DELTA_E
+
+
+def test_part_boxes_are_the_boxes_the_occluded_variant_covers(occluded_pair):
+    _, occluded = occluded_pair
+    records = json.loads((occluded / MANIFEST_NAME).read_text())["occluded_queries"]
+    for r in records[:10]:
+        (top, bottom, left, right), = synthetic.part_boxes(occluded, r["part"],
+                                                           [r["file"]]).values()
+        box = r["box"]
+        # The patch grows each edge of the part's region by up to 3% of the body box.
+        assert box["top"] <= top and box["left"] <= left
+        assert box["bottom"] >= bottom and box["right"] >= right
+        assert bottom - top >= box["bottom"] - box["top"] - 4  # by the growth and rounding
+    with pytest.raises(ValueError, match="no image named nope.jpg"):
+        synthetic.part_boxes(occluded, "upper", ["nope.jpg"])
+    with pytest.raises(ValueError, match="part must be one of head, upper, lower, shoes"):
+        synthetic.part_boxes(occluded, "arm")
+
+
+def test_bad_cue_options_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="dominant_cue must be one of head, upper, lower, "
+                                         "shoes, got 'arm'"):
+        generate_synthetic(tmp_path / "x", progress=False, dominant_cue="arm", **SMALL)
+    with pytest.raises(ValueError, match="change_queries must be one of head, upper, lower, "
+                                         "shoes, got 'legs'"):
+        generate_synthetic(tmp_path / "x", progress=False, change_queries="legs", **SMALL)
+    with pytest.raises(ValueError, match=r"num_ids must be at most 196 with dominant_cue=shoes "
+                                         r"\(196 distinct looks, 0 of them for distractors\), "
+                                         r"got 300"):
+        generate_synthetic(tmp_path / "x", progress=False, dominant_cue="shoes", num_ids=300)
+    from esreid.cli import main
+
+    args = ["synth", "--ids", "12", "--cams", "3", "--height", "32", "--width", "16"]
+    assert main([*args, "--out", str(tmp_path / "c"), "--dominant-cue", "upper",
+                 "--change-queries", "upper"]) == 0
+    manifest = json.loads((tmp_path / "c" / MANIFEST_NAME).read_text())
+    assert manifest["params"]["dominant_cue"] == manifest["params"]["change_queries"] == "upper"
+    assert len(manifest["changed_queries"]) == manifest["counts"]["query"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad"), "--dominant-cue", "knees"]) == 2
+    assert "--dominant-cue must be one of head, upper, lower, shoes" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    # ensure_synthetic tells the variants apart.
+    ensure_synthetic(tmp_path / "c", progress=False, num_ids=12, num_cams=3, height=32, width=16,
+                     dominant_cue="upper")
+    assert "change_queries" not in json.loads((tmp_path / "c" / MANIFEST_NAME).read_text())["params"]

@@ -215,7 +215,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 # generate_synthetic's parameter names -> the synth command's options, for its error lines.
 _SYNTH_OPTIONS = {"num_ids": "--ids", "num_cams": "--cams", "height": "--height",
-                  "width": "--width", "seed": "--seed", "occlude_queries": "--occlude-queries"}
+                  "width": "--width", "seed": "--seed", "occlude_queries": "--occlude-queries",
+                  "dominant_cue": "--dominant-cue", "change_queries": "--change-queries"}
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -224,7 +225,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     try:
         summary = generate_synthetic(Path(args.out), num_ids=args.ids, num_cams=args.cams,
                                      height=args.height, width=args.width, seed=args.seed,
-                                     occlude_queries=args.occlude_queries)
+                                     occlude_queries=args.occlude_queries,
+                                     dominant_cue=args.dominant_cue,
+                                     change_queries=args.change_queries)
     except ValueError as err:
         name, _, rest = str(err).partition(" ")
         if name in _SYNTH_OPTIONS:
@@ -592,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "drawn at random per query, covered by a patch; PARTS is 'all' (the "
                         "default) or a comma-separated list among head, upper, lower, shoes. "
                         "Training and gallery images are the ordinary benchmark's")
+    p.add_argument("--dominant-cue", metavar="PART",
+                   help="the dominant-cue variant: every identity's PART (head, upper, lower, "
+                        "shoes) has a colour and pattern no other identity has, the other parts "
+                        "come from small palettes (docs/synthetic.md)")
+    p.add_argument("--change-queries", metavar="PART",
+                   help="every query's PART re-drawn in far-away colours (from the query's own "
+                        "random stream); every other file is byte-identical")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("demo", help="train Base and ES-Net on the synthetic benchmark (CPU, minutes)")

@@ -42,11 +42,15 @@ __all__ = [
     "PART_ATTRIBUTES",
     "CameraStyle",
     "IdentitySpec",
+    "cue_combinations",
+    "delta_e",
     "ensure_synthetic",
     "generate_synthetic",
+    "part_boxes",
     "render_image",
     "resolve_synthetic_root",
     "sample_cameras",
+    "sample_cue_identities",
     "sample_identities",
 ]
 
@@ -108,6 +112,61 @@ BUILDS = (0.88, 0.94, 1.0, 1.06, 1.12)
 
 _CLOTH = tuple(CLOTH_COLORS)
 
+#: The saturated colours of the dominant-cue variant (``dominant_cue``): every pair is at
+#: least ``MIN_CHANGE_DELTA_E`` apart and every colour far from the erase value (see
+#: ``ERASE_MEAN_RGB``). Their names differ from every other palette's, so that one lookup
+#: serves cloth (and hair, for a head cue) of both variants.
+CUE_COLORS: dict[str, tuple[int, int, int]] = {
+    "scarlet": (220, 20, 30),
+    "tangerine": (250, 130, 0),
+    "lemon": (250, 230, 20),
+    "lime": (130, 220, 30),
+    "emerald": (0, 140, 60),
+    "cyan": (0, 210, 220),
+    "azure": (20, 120, 240),
+    "cobalt": (25, 25, 120),
+    "violet": (160, 50, 225),
+    "magenta": (230, 0, 170),
+    "rose": (255, 150, 190),
+    "snow": (248, 248, 248),
+    "ink": (12, 12, 12),
+    "chestnut": (120, 45, 10),
+}
+#: Patterns a dominant cue may wear, per part. Stripes and checks have equal bands of the two
+#: colours, so which of them is the ground does not show (a random phase shifts the bands);
+#: a two-tone shoe has its upper half in one colour and its sole in the other.
+CUE_PATTERNS: dict[str, tuple[str, ...]] = {
+    "upper": ("plain", "hstripes", "vstripes", "checks"),
+    "lower": ("plain", "hstripes", "vstripes", "checks"),
+    "shoes": ("plain", "two-tone"),
+}
+#: The small palettes the parts other than the dominant cue draw from (part attribute ->
+#: values; colours are ``CLOTH_COLORS`` names, ``SKIN_TONES`` for skin and ``HAIR_COLORS``
+#: for hair). A person is told apart by these only jointly. Every colour in them is far from
+#: the erase value and from the others of its palette.
+SMALL_PALETTES: dict[str, tuple[Any, ...]] = {
+    "skin": ("pale", "tan", "dark"),
+    "hair_color": ("black", "auburn", "white"),
+    "hair_length": HAIR_LENGTHS,
+    "upper_color": ("navy", "maroon", "teal"),
+    "sleeve": SLEEVES,
+    "lower_type": LOWER_TYPES,
+    "lower_color": ("black", "white", "maroon", "teal"),
+    "shoe_color": ("black", "white", "maroon"),
+}
+#: The erase value of the model's input, 0 after ImageNet normalisation, as an RGB colour.
+ERASE_MEAN_RGB: tuple[float, float, float] = (123.675, 116.28, 103.53)
+#: Every cloth and hair colour the dominant-cue variant draws lies at least this far (CIE76
+#: delta E) from ``ERASE_MEAN_RGB``, so that an erased part cannot read as a garment ...
+MIN_ERASE_DELTA_E = 25.0
+#: ... and at least this far once any camera's colour cast and gamma are applied.
+MIN_ERASE_DELTA_E_CAMERA = 15.0
+#: A changed query's colour is at least this far (CIE76 delta E) from the colour it replaces.
+MIN_CHANGE_DELTA_E = 40.0
+
+_CLOTH_RGB = {**CLOTH_COLORS, **CUE_COLORS}
+_HAIR_RGB = {**HAIR_COLORS, **CUE_COLORS}
+
 # Body box width / height; a pedestrian is roughly 0.4 times as wide as tall.
 _BODY_ASPECT = 0.40
 # Rendering at 2x and averaging down anti-aliases the part edges cheaply.
@@ -147,6 +206,8 @@ class IdentitySpec:
     (-1 for distractors) and ``varies`` the part attribute in which the family's members
     differ (None for a family of one). Every other field is a part attribute (see
     ``PART_ATTRIBUTES``); colours are names from the module palettes, ``None`` means absent.
+    The last four (a pattern on the lower garment, two-tone shoes) only the dominant-cue
+    variant uses; they keep their defaults in the ordinary benchmark.
     """
 
     pid: int
@@ -168,6 +229,10 @@ class IdentitySpec:
     bag_color: str | None
     hat_color: str | None
     backpack_color: str | None
+    lower_pattern: str = "plain"
+    lower_pattern_color: str | None = None
+    shoe_pattern: str = "plain"
+    shoe_pattern_color: str | None = None
 
     def parts(self) -> dict[str, Any]:
         """Return the part attributes (everything but pid/family/varies) as a dict."""
@@ -178,6 +243,27 @@ class IdentitySpec:
 PART_ATTRIBUTES: tuple[str, ...] = tuple(
     f.name for f in fields(IdentitySpec) if f.name not in ("pid", "family", "varies")
 )
+# The attributes only the dominant-cue variant sets; the ordinary manifest leaves them out,
+# so that it stays what it was before they existed.
+_CUE_ONLY_ATTRIBUTES = ("lower_pattern", "lower_pattern_color", "shoe_pattern",
+                        "shoe_pattern_color")
+#: The attributes of each body part (the rest, skin, build and accessories, span several).
+PART_OF: dict[str, tuple[str, ...]] = {
+    "head": ("hair_color", "hair_length", "hat_color"),
+    "upper": ("upper_color", "sleeve", "upper_pattern", "pattern_color", "logo_shape"),
+    "lower": ("lower_type", "lower_color", "lower_pattern", "lower_pattern_color"),
+    "shoes": ("shoe_color", "shoe_pattern", "shoe_pattern_color"),
+}
+# The colour attributes a changed query re-draws, per part: ground first, then accent. Skin
+# is not among them: it also shows on the arms and legs.
+_CHANGED_COLORS: dict[str, tuple[str, str]] = {
+    "head": ("hair_color", "hat_color"),
+    "upper": ("upper_color", "pattern_color"),
+    "lower": ("lower_color", "lower_pattern_color"),
+    "shoes": ("shoe_color", "shoe_pattern_color"),
+}
+# Patterns whose two colours are interchangeable (equal bands, random phase).
+_BANDED = ("hstripes", "vstripes", "checks")
 
 # Part attribute a family may vary -> sampling weight. Small parts are favoured on purpose:
 # they are what a model fixated on the most salient region misses.
@@ -376,6 +462,110 @@ def sample_identities(
     return specs
 
 
+def _lab(rgb: Sequence[float]) -> np.ndarray:
+    """CIE L*a*b* (D65) of an sRGB colour given in 0..255."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                    [0.0193, 0.1192, 0.9505]]) @ c / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def delta_e(a: Sequence[float], b: Sequence[float]) -> float:
+    """CIE76 colour difference of two sRGB colours (0..255): about 2.3 is just noticeable,
+    above 40 two colours have clearly different names."""
+    return float(np.linalg.norm(_lab(a) - _lab(b)))
+
+
+def cue_combinations(part: str) -> list[dict[str, Any]]:
+    """Every distinct look of ``part`` the dominant-cue variant can give an identity, in a
+    fixed order: the part's attributes (``PART_OF``) as a dict. A look is a ground colour of
+    ``CUE_COLORS`` with a pattern in a second one (stripes, checks; two-tone shoes; a hat for
+    the head) or plain; banded patterns count each pair of colours once."""
+    colors = list(CUE_COLORS)
+    pairs = [(a, b) for i, a in enumerate(colors) for b in colors[i + 1:]]
+    out: list[dict[str, Any]] = []
+    if part == "upper":
+        out += [{"upper_color": c, "upper_pattern": "plain", "pattern_color": None} for c in colors]
+        out += [{"upper_color": a, "upper_pattern": kind, "pattern_color": b}
+                for kind in _BANDED for a, b in pairs]
+    elif part == "lower":
+        out += [{"lower_type": "trousers", "lower_color": c, "lower_pattern": "plain",
+                 "lower_pattern_color": None} for c in colors]
+        out += [{"lower_type": "trousers", "lower_color": a, "lower_pattern": kind,
+                 "lower_pattern_color": b} for kind in _BANDED for a, b in pairs]
+    elif part == "shoes":
+        out += [{"shoe_color": c, "shoe_pattern": "plain", "shoe_pattern_color": None}
+                for c in colors]
+        out += [{"shoe_color": a, "shoe_pattern": "two-tone", "shoe_pattern_color": b}
+                for a in colors for b in colors if a != b]
+    elif part == "head":
+        out += [{"hair_color": c, "hair_length": length, "hat_color": hat}
+                for c in colors for length in HAIR_LENGTHS
+                for hat in [None, *(h for h in colors if h != c)]]
+    else:
+        raise ValueError(f"dominant_cue must be one of {', '.join(OCCLUDABLE_PARTS)}, "
+                         f"got {part!r}")
+    return out
+
+
+def _cue_spec(rng: np.random.Generator, pid: int, family: int, part: str,
+              look: dict[str, Any]) -> IdentitySpec:
+    """An identity of the dominant-cue variant: ``look`` for ``part``, every other part from
+    ``SMALL_PALETTES``, no bag, hat (unless the head is the cue) or backpack."""
+    small = {attr: _pick(rng, values) for attr, values in SMALL_PALETTES.items()}
+    spec = IdentitySpec(
+        pid=pid, family=family, varies=None, skin=small["skin"],
+        hair_color=small["hair_color"], hair_length=small["hair_length"],
+        build=_pick(rng, BUILDS), upper_color=small["upper_color"], sleeve=small["sleeve"],
+        upper_pattern="plain", pattern_color=None, logo_shape=None,
+        lower_type=small["lower_type"], lower_color=small["lower_color"],
+        shoe_color=small["shoe_color"], bag_side=None, bag_color=None, hat_color=None,
+        backpack_color=None,
+    )
+    return replace(spec, **look)
+
+
+def sample_cue_identities(num_ids: int, rng: np.random.Generator, part: str,
+                          distractors: int = 0) -> tuple[list[IdentitySpec], list[IdentitySpec]]:
+    """The identities (pids 1..num_ids) of the dominant-cue variant and ``distractors``
+    more (pid 0): each has its own look of ``part`` (see :func:`cue_combinations`), drawn
+    without repetition, so that part alone tells every identity apart; the other parts come
+    from small palettes. Raises ValueError when there are fewer looks than identities."""
+    looks = cue_combinations(part)
+    total = num_ids + distractors
+    if total > len(looks):
+        raise ValueError(f"dominant_cue={part} has {len(looks)} distinct looks, fewer than the "
+                         f"{num_ids} identities and {distractors} distractors asked for")
+    order = rng.permutation(len(looks))[:total]
+    specs = [_cue_spec(rng, i + 1, i, part, looks[int(k)]) for i, k in enumerate(order[:num_ids])]
+    others = [_cue_spec(rng, 0, -1, part, looks[int(k)]) for k in order[num_ids:]]
+    return specs, others
+
+
+def _changed_spec(spec: IdentitySpec, part: str, rng: np.random.Generator,
+                  cue: bool) -> tuple[IdentitySpec, dict, dict]:
+    """``spec`` with ``part``'s colours re-drawn: each present colour becomes one at least
+    ``MIN_CHANGE_DELTA_E`` from it (and from the part's other new colour, so a pattern still
+    shows), from ``CUE_COLORS`` in the dominant-cue variant (``cue``), else from the ordinary
+    palette of that attribute. Returns the new spec and the old and new colours by attribute.
+    """
+    before, after = {}, {}
+    for attr in _CHANGED_COLORS[part]:
+        old = getattr(spec, attr)
+        if old is None:
+            continue
+        hair = attr == "hair_color"
+        palette = CUE_COLORS if cue else (HAIR_COLORS if hair else CLOTH_COLORS)
+        lookup = _HAIR_RGB if hair else _CLOTH_RGB
+        far = [c for c in palette if delta_e(palette[c], lookup[old]) >= MIN_CHANGE_DELTA_E
+               and all(delta_e(palette[c], _CLOTH_RGB.get(n, _HAIR_RGB.get(n)))
+                       >= MIN_CHANGE_DELTA_E for n in after.values())]
+        before[attr], after[attr] = old, _pick(rng, far)
+    return replace(spec, **after), before, after
+
+
 def sample_cameras(num_cams: int, rng: np.random.Generator) -> list[CameraStyle]:
     """Sample ``num_cams`` camera styles; returns them in camera order (camera 1 first)."""
     _check_int("num_cams", num_cams, 1, 9)
@@ -523,10 +713,10 @@ def _draw_upper_pattern(
 ) -> None:
     """Draw the torso with its pattern; the logo is only on the front."""
     u0, u1, v0, v1 = 0.15, 0.85, 0.165, 0.545
-    p.rect(u0, u1, v0, v1, _rgb(CLOTH_COLORS, spec.upper_color))
+    p.rect(u0, u1, v0, v1, _rgb(_CLOTH_RGB, spec.upper_color))
     if spec.pattern_color is None:
         return
-    color = _rgb(CLOTH_COLORS, spec.pattern_color)
+    color = _rgb(_CLOTH_RGB, spec.pattern_color)
     if spec.upper_pattern == "logo":
         if not back:
             p.shape(spec.logo_shape or "circle", 0.5, 0.31, 0.13, color)
@@ -535,25 +725,28 @@ def _draw_upper_pattern(
     # Cloth shifts between frames: a random phase keeps stripes from being pixel-locked.
     period_v = max(2.0, 0.075 * p.ph)
     period_u = max(2.0, 0.2 * p.pw)
-    hbit = ((rows - p.y(v0) + rng.uniform(0, period_v)) // (period_v / 2)) % 2 == 1
-    vbit = ((cols - p.x(u0) + rng.uniform(0, period_u)) // (period_u / 2)) % 2 == 1
-    if spec.upper_pattern == "hstripes":
-        mask = np.broadcast_to(hbit, view.shape[:2])
-    elif spec.upper_pattern == "vstripes":
-        mask = np.broadcast_to(vbit, view.shape[:2])
-    else:
-        mask = hbit ^ vbit
-    view[mask] = color
+    phase_v = rng.uniform(0, period_v)
+    phase_u = rng.uniform(0, period_u)
+    view[_band_mask(spec.upper_pattern, rows, cols, p.y(v0), p.x(u0), period_v, period_u,
+                    phase_v, phase_u)] = color
 
 
-def _draw_lower(p: _Painter, spec: IdentitySpec, stride: float) -> None:
-    """Draw legs, trousers/shorts/skirt and shoes; ``stride`` in [-1, 1] spreads the legs."""
+def _draw_lower(
+    p: _Painter, spec: IdentitySpec, stride: float, rng: np.random.Generator
+) -> None:
+    """Draw legs, trousers/shorts/skirt and shoes; ``stride`` in [-1, 1] spreads the legs.
+
+    ``rng`` is drawn from only for patterned trousers (the stripes' phase), which the
+    ordinary benchmark never has.
+    """
     skin = _rgb(SKIN_TONES, spec.skin)
-    cloth = _rgb(CLOTH_COLORS, spec.lower_color)
-    shoe = _rgb(CLOTH_COLORS, spec.shoe_color)
+    cloth = _rgb(_CLOTH_RGB, spec.lower_color)
     d = 0.05 * stride
     legs = [(0.21 - d, 0.48 - d), (0.52 + d, 0.79 + d)]
     foot_v = 0.925
+    if spec.lower_pattern != "plain":
+        _draw_patterned_trousers(p, spec, legs, foot_v, rng)
+        return
     for a, b in legs:
         if spec.lower_type == "trousers":
             p.rect(a, b, 0.52, foot_v, cloth)
@@ -562,17 +755,72 @@ def _draw_lower(p: _Painter, spec: IdentitySpec, stride: float) -> None:
             p.rect(a + 0.04, b - 0.04, 0.70, foot_v, skin)
         else:
             p.rect(a + 0.05, b - 0.05, 0.56, foot_v, skin)
-        p.rect(a - 0.02, b + 0.03, foot_v - 0.015, 0.995, shoe)
+        _draw_shoe(p, spec, a, b, foot_v)
     if spec.lower_type == "skirt":
         p.trapezoid(0.5, 0.50, 0.76, 0.32, 0.40, cloth)
     else:
         p.rect(0.21, 0.79, 0.50, 0.60, cloth)
 
 
+def _draw_shoe(p: _Painter, spec: IdentitySpec, a: float, b: float, foot_v: float) -> None:
+    """Draw the shoe under the leg spanning [a, b]; a two-tone shoe gets a sole of its own."""
+    p.rect(a - 0.02, b + 0.03, foot_v - 0.015, 0.995, _rgb(_CLOTH_RGB, spec.shoe_color))
+    if spec.shoe_pattern == "two-tone" and spec.shoe_pattern_color is not None:
+        sole = _rgb(_CLOTH_RGB, spec.shoe_pattern_color)
+        p.rect(a - 0.02, b + 0.03, (foot_v - 0.015 + 0.995) / 2, 0.995, sole)
+
+
+def _band_mask(
+    kind: str, rows: np.ndarray, cols: np.ndarray, y0: float, x0: float,
+    period_v: float, period_u: float, phase_v: float, phase_u: float,
+) -> np.ndarray:
+    """Where the accent colour of a banded pattern goes on a region's pixel grid.
+
+    Bands are counted from (``y0``, ``x0``), so that regions painted separately (two legs,
+    the hips) line up as one cloth.
+    """
+    hbit = ((rows - y0 + phase_v) // (period_v / 2)) % 2 == 1
+    vbit = ((cols - x0 + phase_u) // (period_u / 2)) % 2 == 1
+    shape = np.broadcast_shapes(rows.shape, cols.shape)
+    if kind == "hstripes":
+        return np.broadcast_to(hbit, shape)
+    if kind == "vstripes":
+        return np.broadcast_to(vbit, shape)
+    if kind == "checks":
+        return hbit ^ vbit
+    raise ValueError(f"pattern must be one of {_BANDED}, got {kind!r}")
+
+
+def _draw_patterned_trousers(
+    p: _Painter,
+    spec: IdentitySpec,
+    legs: list[tuple[float, float]],
+    foot_v: float,
+    rng: np.random.Generator,
+) -> None:
+    """Trousers in ``spec.lower_pattern`` (stripes or checks) over legs and hips, then shoes."""
+    ground = _rgb(_CLOTH_RGB, spec.lower_color)
+    accent = _rgb(_CLOTH_RGB, spec.lower_pattern_color or spec.lower_color)
+    boxes = [(a, b, 0.52, foot_v) for a, b in legs] + [(0.21, 0.79, 0.50, 0.60)]
+    # The same band sizes as on the shirt; a random phase keeps them from being pixel-locked.
+    period_v = max(2.0, 0.075 * p.ph)
+    period_u = max(2.0, 0.2 * p.pw)
+    phase_v, phase_u = rng.uniform(0, period_v), rng.uniform(0, period_u)
+    y0, x0 = p.y(0.50), p.x(0.21)
+    for box in boxes:
+        view, rows, cols = p.region(*box)
+        view[:] = ground
+        mask = _band_mask(spec.lower_pattern, rows, cols, y0, x0, period_v, period_u,
+                          phase_v, phase_u)
+        view[mask] = accent
+    for a, b in legs:
+        _draw_shoe(p, spec, a, b, foot_v)
+
+
 def _draw_arms(p: _Painter, spec: IdentitySpec, swing: float) -> None:
     """Draw both arms with sleeves; arms swing opposite to each other."""
     skin = _rgb(SKIN_TONES, spec.skin)
-    cloth = _rgb(CLOTH_COLORS, spec.upper_color)
+    cloth = _rgb(_CLOTH_RGB, spec.upper_color)
     a = 0.02 * swing
     for (u0, u1), dv in (((0.03, 0.16), a), ((0.84, 0.97), -a)):
         sleeve_end = 0.50 if spec.sleeve == "long" else 0.29
@@ -583,7 +831,7 @@ def _draw_arms(p: _Painter, spec: IdentitySpec, swing: float) -> None:
 def _draw_head(p: _Painter, spec: IdentitySpec, back: bool) -> None:
     """Draw neck, head, hair (length-dependent) and hat."""
     skin = _rgb(SKIN_TONES, spec.skin)
-    hair = _rgb(HAIR_COLORS, spec.hair_color)
+    hair = _rgb(_HAIR_RGB, spec.hair_color)
     p.rect(0.43, 0.57, 0.13, 0.175, skin)
     if spec.hair_length == "medium":
         p.rect(0.32, 0.68, 0.05, 0.17, hair)
@@ -598,7 +846,7 @@ def _draw_head(p: _Painter, spec: IdentitySpec, back: bool) -> None:
     else:
         p.ellipse(0.5, 0.097, 0.14, 0.058, skin)
     if spec.hat_color is not None:
-        hat = _rgb(CLOTH_COLORS, spec.hat_color)
+        hat = _rgb(_CLOTH_RGB, spec.hat_color)
         p.rect(0.32, 0.68, 0.0, 0.055, hat)
         if not back:
             p.rect(0.28, 0.74, 0.045, 0.062, hat)
@@ -607,7 +855,7 @@ def _draw_head(p: _Painter, spec: IdentitySpec, back: bool) -> None:
 def _draw_accessories(p: _Painter, spec: IdentitySpec, back: bool, swing: float) -> None:
     """Draw backpack (straps from the front, pack from the back) and side bag with strap."""
     if spec.backpack_color is not None:
-        pack = _rgb(CLOTH_COLORS, spec.backpack_color)
+        pack = _rgb(_CLOTH_RGB, spec.backpack_color)
         if back:
             p.rect(0.20, 0.80, 0.19, 0.47, pack)
         else:
@@ -615,7 +863,7 @@ def _draw_accessories(p: _Painter, spec: IdentitySpec, back: bool, swing: float)
             p.rect(0.27, 0.33, 0.165, 0.42, pack)
             p.rect(0.67, 0.73, 0.165, 0.42, pack)
     if spec.bag_side is not None and spec.bag_color is not None:
-        bag = _rgb(CLOTH_COLORS, spec.bag_color)
+        bag = _rgb(_CLOTH_RGB, spec.bag_color)
         # Seen from the back, the person's left is on the viewer's right.
         left = (spec.bag_side == "left") != back
         dv = 0.015 * swing
@@ -632,8 +880,8 @@ def _draw_person(p: _Painter, spec: IdentitySpec, rng: np.random.Generator) -> N
     back = bool(rng.random() < _BACK_VIEW_PROB)
     stride = float(rng.uniform(-1, 1))
     if spec.backpack_color is not None and not back:
-        p.rect(0.20, 0.80, 0.14, 0.19, _rgb(CLOTH_COLORS, spec.backpack_color))
-    _draw_lower(p, spec, stride)
+        p.rect(0.20, 0.80, 0.14, 0.19, _rgb(_CLOTH_RGB, spec.backpack_color))
+    _draw_lower(p, spec, stride, rng)
     _draw_arms(p, spec, -stride)
     _draw_upper_pattern(p, spec, rng, back)
     _draw_accessories(p, spec, back, -stride)
@@ -788,13 +1036,15 @@ def _render(
     width: int,
     occlusion_prob: float,
     occlude: tuple[str, np.random.Generator] | None = None,
+    box_of: str | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """:func:`render_image`, optionally with ``occlude = (part, part_rng)``: that part covered.
 
     The part's patch draws only from ``part_rng``, so ``rng`` is consumed exactly as without
     it and the image is the unoccluded one everywhere but around the patch. Returns the pixels
     and the patch's box in the output image (top, bottom, left, right; half-open, mirroring
-    applied), or None without ``occlude``.
+    applied), or None without ``occlude``. With ``box_of`` (a part name) instead, the box is
+    that part's region (``_PART_REGIONS``), nothing painted over it.
     """
     hs, ws = height * _SUPERSAMPLE, width * _SUPERSAMPLE
     canvas = np.empty((hs, ws, 3), dtype=np.float32)
@@ -804,8 +1054,13 @@ def _render(
     if rng.random() < occlusion_prob:
         _draw_occluder(painter, rng)
     box = None
-    if occlude is not None:
-        r0, r1, c0, c1 = _draw_part_occluder(painter, *occlude)
+    if occlude is not None or box_of is not None:
+        if occlude is not None:
+            r0, r1, c0, c1 = _draw_part_occluder(painter, *occlude)
+        else:
+            u0, u1, v0, v1 = _PART_REGIONS[box_of]
+            r0, r1, c0, c1 = painter._box(painter.x(u0), painter.x(u1), painter.y(v0),
+                                          painter.y(v1))
         s = _SUPERSAMPLE
         box = (r0 // s, -(-r1 // s), c0 // s, -(-c1 // s))
     flip = bool(rng.random() < _FLIP_PROB)
@@ -881,19 +1136,27 @@ def _plan_identity(
 def _plan(params: dict[str, Any]) -> tuple[list[IdentitySpec], list[tuple[_Job, int]]]:
     """Sample identities and decide every image (job) and its frame number."""
     seed, num_ids, num_cams = params["seed"], params["num_ids"], params["num_cams"]
-    specs = sample_identities(
-        num_ids, np.random.default_rng([seed, 0]), params["family_size"], params["family_fraction"]
-    )
+    cue = params.get("dominant_cue")
+    if cue is None:
+        specs = sample_identities(num_ids, np.random.default_rng([seed, 0]),
+                                  params["family_size"], params["family_fraction"])
+        distractors: list[IdentitySpec] = []
+    else:
+        specs, distractors = sample_cue_identities(
+            num_ids, np.random.default_rng([seed, 0]), cue, params["num_distractors"])
     rng = np.random.default_rng([seed, 2])
     num_train = num_ids // 2
     jobs: list[_Job] = []
     for i, spec in enumerate(specs):
         jobs.extend(_plan_identity(spec, i < num_train, num_cams, rng))
     keys = {tuple(s.parts().values()) for s in specs}
-    for _ in range(params["num_distractors"]):
-        spec = _random_spec(rng, 0, -1)
-        while tuple(spec.parts().values()) in keys:
+    for k in range(params["num_distractors"]):
+        if cue is not None:
+            spec = distractors[k]  # a look of the cue no identity has
+        else:
             spec = _random_spec(rng, 0, -1)
+            while tuple(spec.parts().values()) in keys:
+                spec = _random_spec(rng, 0, -1)
         jobs.append(_Job("bounding_box_test", 0, int(rng.integers(1, num_cams + 1)), spec))
     test_specs = specs[num_train:]
     for _ in range(params["num_junk"]):
@@ -944,11 +1207,14 @@ def _resolve_params(
     num_junk: int | None = None,
     jpeg_quality: int = 90,
     occlude_queries: str | Sequence[str] | None = None,
+    dominant_cue: str | None = None,
+    change_queries: str | None = None,
 ) -> dict[str, Any]:
     """Validate generator parameters and fill the defaults that depend on others.
 
-    ``occlude_queries`` enters the result only when given, so that the parameters (and the
-    manifest) of the ordinary benchmark stay what they were before the option existed.
+    ``occlude_queries``, ``dominant_cue`` and ``change_queries`` enter the result only when
+    given, so that the parameters (and the manifest) of the ordinary benchmark stay what they
+    were before the options existed.
     """
     _check_int("num_ids", num_ids, 2, 9999)
     _check_int("num_cams", num_cams, _MIN_CAMS_PER_ID, 9)
@@ -958,12 +1224,26 @@ def _resolve_params(
     _check_int("family_size", family_size, 1, _MAX_FAMILY_SIZE)
     _check_prob("family_fraction", family_fraction)
     _check_prob("occlusion_prob", occlusion_prob)
-    num_distractors = num_ids if num_distractors is None else num_distractors
+    if num_distractors is None:
+        num_distractors = num_ids
+        if dominant_cue in OCCLUDABLE_PARTS:
+            # Each distractor needs a look of the cue no identity has.
+            num_distractors = max(0, min(num_ids, len(cue_combinations(dominant_cue)) - num_ids))
     num_junk = num_ids // 2 if num_junk is None else num_junk
     _check_int("num_distractors", num_distractors, 0, 1_000_000)
     _check_int("num_junk", num_junk, 0, 1_000_000)
     _check_int("jpeg_quality", jpeg_quality, 1, 100)
     occluded = _check_parts(occlude_queries)
+    for name, value in (("dominant_cue", dominant_cue), ("change_queries", change_queries)):
+        if value is not None and value not in OCCLUDABLE_PARTS:
+            raise ValueError(f"{name} must be one of {', '.join(OCCLUDABLE_PARTS)}, "
+                             f"got {value!r}")
+    if dominant_cue is not None:
+        looks = len(cue_combinations(dominant_cue))
+        if num_ids + num_distractors > looks:
+            raise ValueError(f"num_ids must be at most {looks - num_distractors} with "
+                             f"dominant_cue={dominant_cue} ({looks} distinct looks, "
+                             f"{num_distractors} of them for distractors), got {num_ids}")
     return {
         "num_ids": int(num_ids),
         "num_cams": int(num_cams),
@@ -977,6 +1257,8 @@ def _resolve_params(
         "num_junk": int(num_junk),
         "jpeg_quality": int(jpeg_quality),
         **({} if occluded is None else {"occlude_queries": occluded}),
+        **({} if dominant_cue is None else {"dominant_cue": dominant_cue}),
+        **({} if change_queries is None else {"change_queries": change_queries}),
     }
 
 
@@ -1181,6 +1463,8 @@ def generate_synthetic(
     num_junk: int | None = None,
     jpeg_quality: int = 90,
     occlude_queries: str | Sequence[str] | None = None,
+    dominant_cue: str | None = None,
+    change_queries: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate the synthetic benchmark into ``out_dir`` (Market-1501 layout); return a summary.
@@ -1194,8 +1478,18 @@ def generate_synthetic(
     ``OCCLUDABLE_PARTS``, comma-separated or as a list) every query image additionally has one
     of those parts, drawn from the query's own random stream, covered by a plain or textured
     patch; every other file is byte-identical to the benchmark without the option, and the
-    manifest lists each query's part and patch box under ``occluded_queries``. The folder is
-    built beside ``out_dir`` and
+    manifest lists each query's part and patch box under ``occluded_queries``.
+
+    With ``dominant_cue`` (a part of ``OCCLUDABLE_PARTS``) the identities are those of
+    :func:`sample_cue_identities`: every identity, training and test, has a look of that part
+    (colour and pattern) no other has, so the part alone tells them apart, while the other
+    parts come from small palettes and identify a person only jointly; there are no families
+    and no bags, hats or backpacks. With ``change_queries`` (a part) every query's colours of
+    that part are re-drawn, from the query's own random stream, at least
+    ``MIN_CHANGE_DELTA_E`` from the originals: the query still shows its person, in the same
+    pose and place, but that part no longer matches the gallery. Every other file is
+    byte-identical to the benchmark without the option, and the manifest lists each query's
+    old and new colours under ``changed_queries``. The folder is built beside ``out_dir`` and
     renamed into place, replacing an empty folder or a previous generated one (whose
     permission bits it keeps); a non-empty folder without a manifest is refused
     (``FileExistsError``) and never touched. Folders and files are created with the usual
@@ -1219,6 +1513,8 @@ def generate_synthetic(
         num_junk,
         jpeg_quality,
         occlude_queries,
+        dominant_cue,
+        change_queries,
     )
     out = Path(out_dir)
     _check_target(out)
@@ -1241,7 +1537,9 @@ def generate_synthetic(
             (tmp / d).mkdir()
         bar = tqdm(total=len(planned), desc="synth", unit="img", disable=not progress)
         parts = params.get("occlude_queries")
+        change = params.get("change_queries")
         occluded: list[dict[str, Any]] = []
+        changed: list[dict[str, Any]] = []
         for index, (job, frame) in enumerate(planned):
             rng = np.random.default_rng([params["seed"], 3, index])
             cam = cameras[job.cam - 1]
@@ -1250,13 +1548,22 @@ def generate_synthetic(
                 pixels = _render_junk(job.spec, cam, rng, params["height"], params["width"])
             else:
                 occlude = None
+                spec = job.spec
+                if change and job.folder == "query":
+                    # Its own stream too, so the image's stream and the occlusion's are the
+                    # ones the benchmark without the option draws.
+                    spec, before, after = _changed_spec(
+                        spec, change, np.random.default_rng([params["seed"], 5, index]),
+                        "dominant_cue" in params)
+                    changed.append({"file": name, "pid": job.file_pid, "cam": job.cam,
+                                    "part": change, "from": before, "to": after})
                 if parts and job.folder == "query":
                     # Its own stream, seeded by the image's index: the part does not depend on
                     # anything but the seed, and the image's own stream is left untouched.
                     part_rng = np.random.default_rng([params["seed"], 4, index])
                     occlude = (parts[int(part_rng.integers(len(parts)))], part_rng)
                 pixels, box = _render(
-                    job.spec,
+                    spec,
                     cam,
                     rng,
                     params["height"],
@@ -1289,9 +1596,10 @@ def generate_synthetic(
             "version": GENERATOR_VERSION,
             "params": params,
             **summary,
-            "identities": [asdict(s) for s in specs],
+            "identities": [_manifest_spec(s, params) for s in specs],
             "camera_styles": [asdict(c) for c in cameras],
             **({"occluded_queries": occluded} if parts else {}),
+            **({"changed_queries": changed} if change else {}),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
         try:
@@ -1314,6 +1622,50 @@ def generate_synthetic(
         out,
     )
     return {"version": GENERATOR_VERSION, "params": params, "path": str(out), **summary}
+
+
+def _manifest_spec(spec: IdentitySpec, params: dict[str, Any]) -> dict[str, Any]:
+    """An identity as the manifest lists it; the ordinary benchmark's leaves out the
+    attributes only the dominant-cue variant sets, so its manifest is what it always was."""
+    data = asdict(spec)
+    if "dominant_cue" not in params:
+        for attr in _CUE_ONLY_ATTRIBUTES:
+            data.pop(attr)
+    return data
+
+
+def part_boxes(root: str | os.PathLike, part: str,
+               files: Sequence[str] | None = None) -> dict[str, tuple[int, int, int, int]]:
+    """The box (top, bottom, left, right; half-open pixels) of ``part``'s region in each
+    image of the benchmark at ``root``, by file name (default: every non-junk image).
+
+    Replays the generation from the manifest's parameters (only the named images are drawn
+    again, none written), so it is exact for the files the generator wrote.
+    """
+    if part not in _PART_REGIONS:
+        raise ValueError(f"part must be one of {', '.join(OCCLUDABLE_PARTS)}, got {part!r}")
+    folder = resolve_synthetic_root(root)
+    if folder is None:
+        raise FileNotFoundError(f"{root}: no synthetic benchmark ({MANIFEST_NAME} missing)")
+    manifest = _read_manifest(folder)
+    params = _resolve_params(**manifest["params"])
+    _, planned = _plan(params)
+    cameras = sample_cameras(params["num_cams"], np.random.default_rng([params["seed"], 1]))
+    wanted = None if files is None else set(files)
+    boxes = {}
+    for index, (job, frame) in enumerate(planned):
+        name = _file_name(job.file_pid, job.cam, frame)
+        if job.junk or (wanted is not None and name not in wanted):
+            continue
+        rng = np.random.default_rng([params["seed"], 3, index])
+        _, box = _render(job.spec, cameras[job.cam - 1], rng, params["height"],
+                         params["width"], params["occlusion_prob"], box_of=part)
+        boxes[name] = box
+    missing = sorted((wanted or set()) - set(boxes))
+    if missing:
+        raise ValueError(f"{folder}: no image named {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return boxes
 
 
 def _is_current(out_dir: Path, params: dict[str, Any]) -> bool:
