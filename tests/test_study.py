@@ -141,3 +141,67 @@ def test_bad_study_options_are_named(tmp_path, capsys, args, message):
     assert main(["study", "--out", str(tmp_path / "s"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # refused before anything is written
+
+
+def test_summary_over_three_query_sets_pairs_every_set_and_its_gain():
+    runs = {
+        "base": {s: {"normal": _res(0.9, 0.8), "changed": _res(0.1 + s / 100, 0.1),
+                     "occluded": _res(0.05, 0.05)} for s in (0, 1)},
+        "esnet": {s: {"normal": _res(0.88, 0.8), "changed": _res(0.3 + s / 50, 0.2),
+                      "occluded": _res(0.1, 0.05)} for s in (0, 1)},
+    }
+    summary = summarize(runs, query_sets=("normal", "changed", "occluded"),
+                        labels={"esnet": "ES-Net"})
+    diff = summary["differences"]["esnet"]
+    assert diff["changed"]["rank1"]["values"] == pytest.approx([0.2, 0.21])
+    assert diff["changed_gain"]["rank1"]["values"] == pytest.approx([0.22, 0.23])
+    assert diff["occluded_gain"]["mAP"]["values"] == pytest.approx([0.0, 0.0])
+    assert summary["query_sets"] == ["normal", "changed", "occluded"]
+    summary["titles"] = {"changed": "changed upper", "occluded": "occluded upper"}
+    table = format_summary(summary)
+    assert ("| Model | Seeds | rank-1 (normal) | mAP (normal) | rank-1 (changed upper) | "
+            "mAP (changed upper) | rank-1 (occluded upper) | mAP (occluded upper) |") in table
+    assert "| ES-Net − Base | changed upper − normal | +22.5 ± 0.7 * [+22.0, +23.0] |" in table
+
+
+MECHANISM_TINY = [s for s in TINY if not s.startswith("data.height") and
+                  not s.startswith("data.width")] + ["data.height=48", "data.width=24",
+                                                     "data.synth_ids=40"]
+
+
+def test_a_tiny_mechanism_study_evaluates_three_query_sets_and_measures_targeting(tmp_path):
+    from esreid.data.synthetic import part_boxes
+
+    out = tmp_path / "mech"
+    summary = run_study(out, models=["base", "esnet", "esnet_randmap"], seeds=[0],
+                        settings=MECHANISM_TINY, design="mechanism")
+    assert summary["design"] == "mechanism"
+    assert summary["query_sets"] == ["normal", "changed", "occluded"]
+    params = json.loads((out / "synthetic_changed" / "synthetic.json").read_text())["params"]
+    assert params["dominant_cue"] == "upper" and params["change_queries"] == "upper"
+    for key in ("base", "esnet", "esnet_randmap"):
+        run = out / "runs" / f"{key}_seed0"
+        for name, dataset in (("changed", "synthetic_changed"), ("occluded", "synthetic_occluded")):
+            result = load_results(run / f"results_{name}.json")
+            assert result["dataset"] == dataset and result["query_set"] == name
+            assert summary["models"][key][name]["rank1"]["values"] == [result["metrics"]["rank1"]]
+    assert load_config(out / "runs" / "esnet_randmap_seed0" / "config.yaml").erase.method == "randmap"
+    # Targeting: ES-Net and its random-map control, not Base (it erases nothing).
+    targeting = summary["targeting"]
+    assert set(targeting["models"]) == {"esnet", "esnet_randmap"} and targeting["part"] == "upper"
+    data = load_dataset("synthetic", out / "synthetic")
+    by_pid = {}
+    for r in data.train:
+        by_pid.setdefault(r.pid, []).append(r)
+    files = [r.path for pid in sorted(by_pid)[:16] for r in by_pid[pid][:2]]
+    assert targeting["images"] == len(files)
+    boxes = part_boxes(out / "synthetic", "upper", [p.split("/")[-1] for p in files])
+    area = sum((b - t) * (r - lft) for t, b, lft, r in boxes.values()) / (len(files) * 48 * 24)
+    assert targeting["chance"] == pytest.approx(area)
+    for figures in targeting["models"].values():
+        for key in ("inside_train", "inside_eval", "inside_random", "iou", "zero_maps"):
+            assert 0.0 <= figures[key]["mean"] <= 1.0, key
+    assert "Targeting: the share of the erased pixels inside the upper part's box" in (
+        out / "study.md").read_text()
+    with pytest.raises(ConfigError, match="--design: 'other' is not one of occlusion, mechanism"):
+        run_study(out, design="other")

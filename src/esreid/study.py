@@ -464,13 +464,16 @@ def format_summary(summary: dict[str, Any], titles: dict[str, str] | None = None
         lines += ["", f"Targeting: the share of the erased pixels inside the {part} part's box "
                   f"on clean training images ({targeting['images']} per run; chance = the box's "
                   f"share of the image, {100 * targeting['chance']:.1f}%), mean over seeds, "
-                  "with the maps training uses (BatchNorm in training mode) and in eval mode, "
-                  "and the IoU of the two masks.", "",
-                  f"| Model | in {part} (train mode) | in {part} (eval mode) | train/eval IoU | "
-                  "maps without contrast |", "| :-- | --: | --: | --: | --: |"]
+                  "with the ESB's CG-RAM maps as training computes them (BatchNorm in training "
+                  "mode) and in eval mode, with uniform random maps of the same resolution, and "
+                  "the IoU of the train- and eval-mode masks.", "",
+                  f"| Model | in {part} (train mode) | in {part} (eval mode) | random maps | "
+                  "train/eval IoU | maps without contrast |",
+                  "| :-- | --: | --: | --: | --: | --: |"]
         for key, t in targeting["models"].items():
             label = summary["models"][key]["label"]
             lines.append(f"| {label} | {_pm(t['inside_train'])} | {_pm(t['inside_eval'])} | "
+                         f"{_pm(t['inside_random'])} | "
                          f"{t['iou']['mean']:.3f} ± {t['iou']['std']:.3f} | "
                          f"{_pm(t['zero_maps'])} |")
     return "\n".join(lines) + "\n"
