@@ -1,0 +1,1 @@
+"""The ``esreid`` subcommands, one module per group."""
