@@ -15,6 +15,8 @@ distance) in which the bounds are expressed, and the reported float32 *distance*
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 #: The metrics of :mod:`esreid.metrics.distance`, named here so that search never imports
@@ -153,3 +155,64 @@ def key_slack(key: float, metric: str) -> float:
     # 2^-19 relative is 4 float32 steps of the key (2 of a euclidean distance, its root).
     absolute = 1e-11 if metric == "cosine" else 1e-30
     return abs(key) * 2.0 ** -19 + absolute
+
+
+#: Extra candidates asked of the scan beyond ``top_k`` (at least ``top_k`` more): enough
+#: that the exactness check almost never needs a second pass over the gallery.
+CANDIDATE_MARGIN = 16
+
+
+def top_positions(idx: np.ndarray, keys: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Positions (into ``idx``) of the ``k`` best, sorted by (float32 distance, gallery
+    position): evaluation's stable order."""
+    return np.lexsort((idx, keys_to_distances(keys, metric)))[:k]
+
+
+def exact_top_k(q: np.ndarray, top_k: int, *, metric: str, total: int,
+                scan: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+                rows: Callable[[np.ndarray], np.ndarray],
+                within: Callable[[np.ndarray, float], np.ndarray],
+                first: Callable[[int], np.ndarray],
+                bound: Callable[[float], float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``top_k`` of each query ``[Q, D]`` among ``total`` searchable rows, from a
+    backend's float32 scan; returns gallery positions (int64) and distances (float32), both
+    ``[Q, min(top_k, total)]``, padded with -1 and inf where an approximate scan finds fewer.
+
+    The backend gives: ``scan(q, n)``, its ``n`` best rows per query as approximate float64
+    keys and positions (``[Q, n]``, -1 where it finds fewer); ``rows(positions)``, the stored
+    float32 descriptors; ``within(query, radius)``, every position whose scanned key is at
+    most ``radius``; ``first(k)``, the first ``k`` searchable positions in gallery order; and
+    ``bound(query_norm)``, how far its scan's keys can be from the exact ones (None for an
+    approximate backend, whose candidates are rescored but not completed). Candidates are
+    rescored in float64 (:func:`exact_keys`); when a row the scan left out could tie or beat
+    the k-th, every row within the bound is taken, which is then provably all of them.
+    """
+    k = min(top_k, total)
+    out_idx = np.full((q.shape[0], k), -1, dtype=np.int64)
+    out_dist = np.full((q.shape[0], k), np.inf, dtype=np.float32)
+    if k == 0 or q.shape[0] == 0:
+        return out_idx, out_dist
+    n_cand = min(total, k + max(k, CANDIDATE_MARGIN))
+    approx, cand = scan(q, n_cand)
+    q_norms = row_norms(q)
+    for i in range(q.shape[0]):
+        if metric == "cosine" and q_norms[i] == 0.0:
+            # An all-zero query is at distance exactly 1 from everything: the order is the
+            # gallery order, and the scan's arbitrary order of ties need not be checked.
+            out_idx[i], out_dist[i] = first(k), 1.0
+            continue
+        keep = cand[i] >= 0
+        found, scanned = cand[i][keep], approx[i][keep]
+        keys = exact_keys(q[i], rows(found), metric)
+        top = top_positions(found, keys, k, metric)
+        if bound is not None and len(top) and len(found) < total:
+            worst = float(keys[top].max())
+            slack = key_slack(worst, metric)
+            margin = bound(float(q_norms[i]))
+            if float(scanned.max()) - margin <= worst + slack:
+                found = np.union1d(found, within(q[i], worst + slack + margin))
+                keys = exact_keys(q[i], rows(found), metric)
+                top = top_positions(found, keys, k, metric)
+        out_idx[i, :len(top)] = found[top]
+        out_dist[i, :len(top)] = keys_to_distances(keys[top], metric)
+    return out_idx, out_dist
