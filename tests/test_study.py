@@ -203,5 +203,15 @@ def test_a_tiny_mechanism_study_evaluates_three_query_sets_and_measures_targetin
             assert 0.0 <= figures[key]["mean"] <= 1.0, key
     assert "Targeting: the share of the erased pixels inside the upper part's box" in (
         out / "study.md").read_text()
+    # The targeting figure: the two charts over two rows of the first erasing run's examples
+    # (8 images: 9 x 9 inches at 120 dpi); without examples only the charts (9 x 3.6).
+    from PIL import Image
+
+    from esreid.study import plot_targeting
+    with Image.open(out / "targeting.png") as png:
+        assert png.format == "PNG" and png.size == (1080, 1080)
+    bare = plot_targeting(targeting, {"esnet": "ES-Net"}, tmp_path / "bare.png")
+    with Image.open(bare) as png:
+        assert png.size == (1080, 432)
     with pytest.raises(ConfigError, match="--design: 'other' is not one of occlusion, mechanism"):
         run_study(out, design="other")

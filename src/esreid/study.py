@@ -514,8 +514,12 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     seeds = sorted({len(m["seeds"]) for m in models})
     fig.suptitle(f"Synthetic benchmark, mean ± std over {'/'.join(map(str, seeds))} seeds "
                  "(dots: seeds)", fontsize=10)
-    axes[0][0].legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
+    # One legend for both panels, between the title and the axes: inside an axis it would
+    # cover a bar whichever corner it took (the normal-query bars reach the top).
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.93),
+               ncol=len(query_sets), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -523,6 +527,8 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
 
 #: Clean training images the targeting measurement looks at per run (whole identities).
 TARGETING_IDS = 16
+#: Training images the targeting figure shows (of the design's first erasing run).
+TARGETING_EXAMPLES = 8
 
 
 def _erased_mask(images: torch.Tensor, maps: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -534,7 +540,7 @@ def _erased_mask(images: torch.Tensor, maps: torch.Tensor, ratio: float) -> torc
 
 
 def measure_targeting(trainer: Trainer, root: Path, part: str,
-                      num_ids: int = TARGETING_IDS) -> dict[str, float]:
+                      num_ids: int = TARGETING_IDS, examples: int = 0) -> dict[str, Any]:
     """How well BESM's erasing hits ``part`` on clean training images of a trained run.
 
     The first ``num_ids`` training identities with ``data.num_instances`` images each, at the
@@ -545,7 +551,9 @@ def measure_targeting(trainer: Trainer, root: Path, part: str,
     ``inside_eval`` (share of the erased pixels inside the part's box), ``inside_random``
     (the same for uniform random maps of the same resolution), ``chance`` (the box's share of
     the image), ``iou`` (train- vs eval-mode masks, over images either erases), ``zero_maps``
-    (share of training-mode maps without contrast) and ``images``.
+    (share of training-mode maps without contrast) and ``images``. With ``examples`` > 0 it
+    also returns ``examples``: the first that many images (uint8 HWC), their part boxes and
+    their train- and eval-mode masks, for :func:`plot_targeting`.
     """
     from esreid.data.synthetic import part_boxes
     from esreid.data.transforms import build_transforms
@@ -590,11 +598,86 @@ def measure_targeting(trainer: Trainer, root: Path, part: str,
     union = (m["train"] | m["eval"]).flatten(1).sum(1)
     both = union > 0
     iou = ((m["train"] & m["eval"]).flatten(1).sum(1)[both] / union[both]).float()
-    return {"inside_train": share(m["train"]), "inside_eval": share(m["eval"]),
-            "inside_random": share(m["random"]),
-            "chance": float(inside.float().mean()),
-            "iou": float(iou.mean()) if len(iou) else float("nan"),
-            "zero_maps": float(torch.cat(zero).float().mean()), "images": len(records)}
+    out: dict[str, Any] = {
+        "inside_train": share(m["train"]), "inside_eval": share(m["eval"]),
+        "inside_random": share(m["random"]), "chance": float(inside.float().mean()),
+        "iou": float(iou.mean()) if len(iou) else float("nan"),
+        "zero_maps": float(torch.cat(zero).float().mean()), "images": len(records)}
+    if examples > 0:
+        # One image per identity, so that the figure shows different people.
+        rows = list(range(0, len(records), k))[:examples]
+        out["examples"] = {
+            "images": [np.asarray(read_rgb(records[i].path).resize((width, height)))
+                       for i in rows],
+            "boxes": [boxes[Path(records[i].path).name] for i in rows],
+            "train": [m["train"][i].numpy() for i in rows],
+            "eval": [m["eval"][i].numpy() for i in rows], "run": cfg.train.run_name}
+    return out
+
+
+def plot_targeting(targeting: dict[str, Any], labels: dict[str, str], path: Path,
+                   examples: dict[str, Any] | None = None) -> Path:
+    """The targeting figure, as PNG: per model the share of BESM's erased pixels inside the
+    part's box (training-mode and eval-mode maps, random maps; chance as a line) and the IoU
+    of the training- and eval-mode masks; with ``examples`` (from :func:`measure_targeting`)
+    a row of training images with the box and what each mode erases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    keys = list(targeting["models"])
+    n_ex = len(examples["images"]) if examples else 0
+    fig = plt.figure(figsize=(max(9.0, 1.1 * n_ex), 9.0 if n_ex else 3.6), layout="constrained")
+    charts, strip = fig.subfigures(2, 1, height_ratios=[1.0, 1.5]) if n_ex else (fig, None)
+    share_ax, iou_ax = charts.subplots(1, 2)
+    x = np.arange(len(keys))
+    width = 0.27
+    series = (("inside_train", "CG-RAM, training mode", "#4c72b0"),
+              ("inside_eval", "CG-RAM, eval mode", "#8172b3"),
+              ("inside_random", "random maps", "#bbbbbb"))
+    for j, (name, title, colour) in enumerate(series):
+        stats = [targeting["models"][k][name] for k in keys]
+        share_ax.bar(x + (j - 1) * width, [100 * s["mean"] for s in stats], width,
+                     yerr=[100 * s["std"] for s in stats], capsize=3, color=colour,
+                     edgecolor="black", linewidth=0.5, label=title)
+    share_ax.axhline(100 * targeting["chance"], color="#c44e52", linestyle="--",
+                     label=f"chance ({100 * targeting['chance']:.1f}%)")
+    share_ax.set_ylabel(f"erased pixels inside the {targeting['part']} box (%)")
+    share_ax.set_ylim(0, 100)
+    share_ax.legend(fontsize=7, loc="upper right")
+    iou = [targeting["models"][k]["iou"] for k in keys]
+    iou_ax.bar(x, [s["mean"] for s in iou], 0.5, yerr=[s["std"] for s in iou], capsize=3,
+               color="#55a868", edgecolor="black", linewidth=0.5)
+    iou_ax.set_ylim(0, 1)
+    iou_ax.set_ylabel("IoU, training- vs eval-mode mask")
+    for ax in (share_ax, iou_ax):
+        ax.set_xticks(x)
+        ax.set_xticklabels([labels.get(k, k).replace(", ", ",\n") for k in keys], fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    share_ax.set_title("Where BESM erases (clean training images)", fontsize=9)
+    iou_ax.set_title("Do training and eval mode erase the same pixels?", fontsize=9)
+    axes = strip.subplots(2, n_ex, squeeze=False) if n_ex else np.empty((2, 0))
+    for row, (mode, title) in enumerate((("train", "training mode"), ("eval", "eval mode"))):
+        for i, ax in enumerate(axes[row]):
+            image = examples["images"][i].astype(np.float32) / 255.0
+            mask = examples[mode][i]
+            image[mask] = 0.15 * image[mask] + 0.85 * np.array([0.15, 0.3, 1.0])
+            ax.imshow(image)
+            y0, y1, x0, x1 = examples["boxes"][i]
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor="#ff3030", linewidth=1.2, linestyle="--"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(title, fontsize=8)
+    if n_ex:
+        strip.suptitle(f"{examples['run']}: what BESM erases (blue) from its maps in each mode; "
+                       f"dashed: the {targeting['part']} box", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _summarize_targeting(per_model: dict[str, list[dict[str, float]]], part: str
@@ -645,13 +728,17 @@ def run_study(out_dir: Path = Path("runs/study"), models: Sequence[str] | None =
 
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     targeting: dict[str, list[dict[str, float]]] = {}
+    examples = None  # the first erasing run's example masks, for the targeting figure
     for (key, seed), cfg in cfgs.items():
         log.info("study: %s, seed %d", key, seed)
         trainer, result = _run_one(cfg, datasets, roots)
         runs.setdefault(key, {})[seed] = result
         if design.target_part and getattr(trainer.model.eraser, "ratio", None) is not None:
-            targeting.setdefault(key, []).append(
-                measure_targeting(trainer, roots["normal"], design.target_part))
+            wanted = TARGETING_EXAMPLES if examples is None else 0
+            measured = measure_targeting(trainer, roots["normal"], design.target_part,
+                                         examples=wanted)
+            examples = measured.pop("examples", examples)
+            targeting.setdefault(key, []).append(measured)
 
     labels = {m.key: m.label for m in chosen}
     query_sets = [qs.name for qs in design.query_sets]
@@ -681,11 +768,15 @@ def run_study(out_dir: Path = Path("runs/study"), models: Sequence[str] | None =
     atomic_write_json(out_dir / "study.json", summary)
     atomic_write_text(out_dir / "study.md", table)
     plot_summary(summary, out_dir / "study.png")
+    written = [out_dir / "study.json", out_dir / "study.md", out_dir / "study.png"]
+    if targeting:
+        written.append(plot_targeting(summary["targeting"], labels, out_dir / "targeting.png",
+                                      examples))
     others = ", ".join(qs.title for qs in design.query_sets[1:])
     print()
     print(f"esreid study ({design.name}): {len(chosen)} models x up to {len(seeds)} seeds on the "
           f"synthetic benchmark ({len(data.train)} train images of {data.num_train_pids} ids; "
           f"{len(data.query)} queries, also evaluated as {others})")
     print(table)
-    print(f"summary: {out_dir / 'study.json'}, {out_dir / 'study.md'}, {out_dir / 'study.png'}")
+    print("summary: " + ", ".join(str(p) for p in written))
     return summary
