@@ -64,28 +64,159 @@ def _refuse_existing_index(out: Path, overwrite: bool) -> None:
                       "replace it with --overwrite")
 
 
+def _backend_settings(args: argparse.Namespace, out: Path) -> dict:
+    """The backend settings the build options give (only those given), checked against
+    the kind: an option another kind takes is refused naming both."""
+    from esreid.config import ConfigError
+    from esreid.search import backend_class
+
+    given = {"nlist": args.nlist, "nprobe": args.nprobe, "store": args.store,
+             "collection": args.collection}
+    params = backend_class(args.kind).params
+    for name, value in given.items():
+        if value is not None and name not in params:
+            raise ConfigError(f"--{name} does not apply to --kind {args.kind} (it takes "
+                              f"{', '.join('--' + k for k in params if k in given) or 'none'})")
+    settings = {k: v for k, v in given.items() if v is not None and k in params}
+    if "collection" in params and "collection" not in settings:
+        # One collection per index file by default: its name, made safe for Qdrant.
+        settings["collection"] = "".join(c if c.isalnum() or c in "-_" else "_"
+                                         for c in out.stem) or "esreid"
+    if "store" in params and "store" not in settings:
+        raise ConfigError(f"--kind {args.kind} needs --store: a folder (local mode) or the "
+                          "URL of a Qdrant server (API key from $QDRANT_API_KEY)")
+    return settings
+
+
 def _cmd_index_build(args: argparse.Namespace) -> int:
-    from esreid.search import build_index, index_lock
+    from esreid.engine import distributed
+    from esreid.search import build_index
+    from esreid.search.shards import rank_and_world
 
     out = Path(os.path.expandvars(args.out)).expanduser().absolute()
     _refuse_existing_index(out, args.overwrite)  # before the slow part
-    model = load_reid_model(args.checkpoint, args.onnx, args.overrides, args.device)
+    settings = _backend_settings(args, out)
+    model = load_reid_model(args.checkpoint, args.onnx, args.overrides, _rank_device(args))
     threshold, source = _index_threshold(args, model.metric)
-    ann = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+    rank, world = rank_and_world()
+    if world > 1 or args.shard_size is not None:
+        try:
+            return _build_sharded(args, out, model, threshold, source, settings)
+        finally:
+            distributed.cleanup()
     index, failed = build_index(model, args.images, labels_csv=args.labels, kind=args.kind,
-                                threshold=threshold, threshold_source=source, **ann)
+                                threshold=threshold, threshold_source=source,
+                                replace=args.overwrite, **settings)
+    _save_built(args, out, index, failed)
+    return 0
+
+
+def _rank_device(args: argparse.Namespace) -> str:
+    """Under torchrun, each process embeds on its own GPU (LOCAL_RANK) when --device cuda."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and args.device == "cuda":
+        return f"cuda:{local}"
+    return args.device
+
+
+def _build_sharded(args: argparse.Namespace, out: Path, model, threshold, source,
+                   settings: dict) -> int:
+    """Every process embeds its shards into <out>.shards/; rank 0 then builds the index
+    from them, in order, and removes the folder."""
+    import shutil
+
+    from esreid.engine import distributed
+    from esreid.search.shards import (
+        DEFAULT_SHARD_SIZE,
+        build_index_from_shards,
+        embed_shards,
+        plan,
+        rank_and_world,
+    )
+
+    rank, world = rank_and_world()
+    ctx = distributed.setup("cpu") if world > 1 else None
+    shards = out.with_name(out.name + ".shards")
+    p = plan(model, args.images, args.labels, args.shard_size or DEFAULT_SHARD_SIZE)
+    run = embed_shards(model, p, shards)
+    _say_run(run, rank, world)
+    if ctx is not None:
+        distributed.barrier(ctx)
+    if rank != 0:
+        return 0
+    index, failed = build_index_from_shards(model, shards, args.kind, threshold=threshold,
+                                            threshold_source=source, replace=args.overwrite,
+                                            **settings)
+    _save_built(args, out, index, p.skipped + failed)
+    shutil.rmtree(shards, ignore_errors=True)
+    return 0
+
+
+def _say_run(run, rank: int, world: int) -> None:
+    rate = run.images / run.seconds if run.seconds > 0 and run.images else 0.0
+    say(f"process {rank} of {world}: embedded {len(run.embedded)} shard(s), {run.images} "
+        f"images ({rate:.1f} images/s), skipped {len(run.skipped)} already written")
+
+
+def _save_built(args: argparse.Namespace, out: Path, index, failed) -> None:
+    from esreid.search import index_lock
+
     index.model_path = str(Path(args.onnx or args.checkpoint).expanduser().resolve())
     with index_lock(out).acquire(timeout=args.wait, on_wait=say):
         # Another process may have written it while this one embedded.
         _refuse_existing_index(out, args.overwrite)
         index.save(out)
     _report_failed(failed)
-    print(f"wrote {out}: {index.count} images ({_files(len(failed))} skipped)")
+    where = f" (qdrant collection {index.backend.collection!r} in {index.backend.store})" \
+        if index.kind == "qdrant" else ""
+    print(f"wrote {out}{where}: {index.count} images ({_files(len(failed))} skipped)")
     uploads = Path(f"{out}.uploads")
     if args.overwrite and uploads.is_dir():
         print(f"note: {uploads} still holds the images uploaded to the index this one replaced "
               "(not part of the new index; delete the folder if they are not needed)",
               file=sys.stderr)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from esreid.engine import distributed
+    from esreid.search.shards import MANIFEST, embed_shards, plan, rank_and_world
+
+    rank, world = rank_and_world()
+    model = load_reid_model(args.checkpoint, args.onnx, args.overrides, _rank_device(args))
+    ctx = distributed.setup("cpu") if world > 1 else None
+    try:
+        out = Path(os.path.expandvars(args.out)).expanduser().absolute()
+        p = plan(model, args.images, args.labels, args.shard_size)
+        run = embed_shards(model, p, out)
+        _say_run(run, rank, world)
+        if ctx is not None:
+            distributed.barrier(ctx)
+        if rank == 0:
+            _report_failed(p.skipped)
+            print(f"wrote {out}: {out / MANIFEST} and {p.shards} shard(s) of up to "
+                  f"{p.shard_size} images ({len(p.images)} images)")
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+def _cmd_index_migrate(args: argparse.Namespace) -> int:
+    from esreid.search import GalleryIndex, index_lock
+    from esreid.search.migrate import migrate
+
+    old = Path(os.path.expandvars(args.index)).expanduser().absolute()
+    out = Path(os.path.expandvars(args.out)).expanduser().absolute() if args.out else old
+    if out != old:
+        _refuse_existing_index(out, args.overwrite)
+    source = GalleryIndex.load(old)
+    settings = _backend_settings(args, out)
+    with index_lock(old).acquire(timeout=args.wait, on_wait=say):
+        if source.changed_on_disk():
+            source = GalleryIndex.load(old)
+        new = migrate(source, args.kind, out, replace=args.overwrite, **settings)
+    print(f"migrated {old} ({source.kind}, {source.count} images) to {out} ({new.kind}"
+          + (f": collection {new.backend.collection!r} in {new.backend.store}"
+             if new.kind == "qdrant" else "") + "); search results checked equal")
     return 0
 
 
@@ -146,6 +277,16 @@ def _query_labels(args: argparse.Namespace, queries: list[str]) -> list[str | No
     return [table.get(os.path.normpath(os.path.abspath(q))) for q in queries]
 
 
+def _search_filter(args: argparse.Namespace):
+    from esreid.config import ConfigError
+    from esreid.search import SearchFilter
+
+    try:
+        return SearchFilter.make(args.camera_not, args.after, args.before)
+    except ValueError as err:
+        raise ConfigError(f"--{str(err).replace('_', '-')}") from err
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import json
 
@@ -156,7 +297,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     queries = [str(Path(os.path.expandvars(q)).expanduser()) for q in args.queries]
     query_labels = _query_labels(args, queries)
     features = model.embed(queries)
-    results = index.search(features, top_k=args.top_k, model_id=model.identity)
+    flt = _search_filter(args)
+    results = index.search(features, top_k=args.top_k, model_id=model.identity, filter=flt)
     if args.explain:
         from esreid.explain import save_rank_list
 
@@ -172,7 +314,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             print(f"explanation: {figure}", file=sys.stderr)
     if args.json:
         print(json.dumps({"index": str(index.source), "model": model.identity,
-                          "threshold": index.threshold,
+                          "threshold": index.threshold, "filter": flt.to_dict(),
                           "results": [{"query": q, "matches": [m.to_dict() for m in ms]}
                                       for q, ms in zip(queries, results, strict=True)]}, indent=2))
         return 0
@@ -234,6 +376,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 
+def _kind_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from esreid.search import DEFAULT_KIND, backend_class, kinds
+
+    lines = "; ".join(f"{k}: {backend_class(k).summary}" for k in kinds())
+    p.add_argument("--kind", choices=kinds(), required=required,
+                   default=None if required else DEFAULT_KIND,
+                   help=f"search backend (default {DEFAULT_KIND}). {lines}")
+    p.add_argument("--nlist", type=int, help="ivf: number of lists")
+    p.add_argument("--nprobe", type=int, help="ivf: lists visited per query")
+    p.add_argument("--store", metavar="PATH_OR_URL",
+                   help="qdrant: a folder (embedded local mode, no server) or http(s)://HOST:6333 "
+                        "of a Qdrant server or cluster, whose API key is read from $QDRANT_API_KEY")
+    p.add_argument("--collection", help="qdrant: the collection (default: the index file's name)")
+
+
+def _filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--camera-not", nargs="+", action="extend", metavar="CAMERA",
+                   help="leave out matches seen by these cameras (e.g. the query's own)")
+    p.add_argument("--after", metavar="TIME", help="only matches captured at or after TIME "
+                   "(ISO 8601, e.g. 2024-05-01T12:00:00Z, or seconds since the epoch); "
+                   "matches without a capture time are left out")
+    p.add_argument("--before", metavar="TIME", help="only matches captured at or before TIME")
+
+
 def add_parsers(sub) -> None:
     """Register the gallery subcommands on ``sub`` (the ``esreid`` subparsers)."""
     p = sub.add_parser("export", help="export a checkpoint to ONNX (descriptor model, dynamic batch)")
@@ -250,13 +416,9 @@ def add_parsers(sub) -> None:
     model_args(q, required=True)
     q.add_argument("--images", required=True, help="gallery folder (searched recursively)")
     q.add_argument("--out", required=True, help="index file to write")
-    q.add_argument("--labels", help="CSV of path,label (default: identity = sub-folder name)")
-    q.add_argument("--kind", choices=("flat", "numpy", "ivf"), default="flat",
-                   help="flat: exact faiss search (default); numpy: exact search with numpy's "
-                        "BLAS (no faiss needed; uses every core for a single query); ivf: approximate "
-                        "faiss search for very large galleries")
-    q.add_argument("--nlist", type=int, help="ivf: number of lists")
-    q.add_argument("--nprobe", type=int, help="ivf: lists visited per query")
+    q.add_argument("--labels", help="CSV of path,label[,camera][,time] (default: identity = "
+                                    "sub-folder name; camera from Market-style file names)")
+    _kind_args(q)
     q.add_argument("--threshold", type=float, help="distance at or below which a match is "
                                                    "called the same identity")
     q.add_argument("--threshold-from", metavar="RUN_OR_RESULTS",
@@ -267,6 +429,10 @@ def add_parsers(sub) -> None:
                    help="replace an existing index file (otherwise it is refused: extend it "
                         "with `esreid index add`, or write another with --out)")
     wait_arg(q)
+    q.add_argument("--shard-size", type=int, metavar="N",
+                   help="embed in shards of N images (rounded up to a multiple of the batch "
+                        "size) under <out>.shards/, which a rerun resumes; the default under "
+                        "torchrun (1024), where each process embeds its own shards")
     q.set_defaults(func=_cmd_index_build)
     q = index_sub.add_parser("add", help="embed the images of another folder into an index")
     q.add_argument("index", help="index file")
@@ -279,6 +445,29 @@ def add_parsers(sub) -> None:
     q.add_argument("index", help="index file")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=_cmd_index_info)
+    q = index_sub.add_parser("migrate", help="move an index's gallery to another backend "
+                                             "(e.g. --kind qdrant --store URL)")
+    q.add_argument("index", help="index file to migrate")
+    _kind_args(q, required=True)
+    q.add_argument("--out", help="the new index file (default: replace INDEX itself, which "
+                                 "then names the new backend)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or empty an existing collection")
+    wait_arg(q)
+    q.set_defaults(func=_cmd_index_migrate)
+
+    p = sub.add_parser("embed", help="embed a folder into descriptor shards and a manifest "
+                                     "(torchrun: one shard set per process)")
+    model_args(p, required=True)
+    p.add_argument("--images", required=True, help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for manifest.json and shard-NNNNN.npz; "
+                                                "a rerun skips the shards already there")
+    p.add_argument("--labels", help="CSV of path,label[,camera][,time] (default: identity = "
+                                    "sub-folder name)")
+    p.add_argument("--shard-size", type=int, default=1024, metavar="N",
+                   help="images per shard, rounded up to a multiple of the batch size "
+                        "(default 1024)")
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("search", help="rank an index's gallery for query images")
     p.add_argument("queries", nargs="+", metavar="QUERY", help="query image files")
@@ -290,6 +479,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--labels", metavar="CSV",
                    help="the queries' identity labels (CSV path,label, as for index build): "
                         "the --explain frames then show whether each match has the query's label")
+    _filter_args(p)
     model_args(p, required=False)
     p.set_defaults(func=_cmd_search)
 

@@ -17,11 +17,13 @@ from typing import Any, Protocol
 from PIL import Image
 
 from esreid.search.index import (
+    DEFAULT_KIND,
     DEFAULT_WAIT_SECONDS,
     GalleryIndex,
     IndexMismatchError,
     update_index_file,
 )
+from esreid.search.items import check_camera, parse_time
 
 logger = logging.getLogger("esreid")
 
@@ -178,26 +180,78 @@ def labels_from_csv(csv_path: str | os.PathLike) -> dict[str, str]:
     return labels
 
 
-def _labels_for(images: list[Path], folder: Path, labels_csv: str | os.PathLike | None
-                ) -> list[str | None]:
-    """Labels of ``images``: from the CSV (images it does not name get None) or folders."""
-    if labels_csv is None:
-        return labels_from_folders(images, folder)
-    table = labels_from_csv(labels_csv)
+def fields_from_csv(csv_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{path: {"camera": ..., "time": ...}}`` from the optional ``camera`` and ``time``
+    columns of a labels CSV (see :func:`labels_from_csv`; a time is ISO 8601 or seconds since
+    the epoch, an empty cell is none); ``{}`` when it has neither column. ValueError naming
+    the CSV, the line and the field for a time that cannot be read."""
+    path = Path(os.path.expandvars(os.fspath(csv_path))).expanduser()
+    out: dict[str, dict[str, Any]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        names = [h.strip().lower() for h in next(reader, None) or []]
+        if "camera" not in names and "time" not in names:
+            return {}
+        col_path = names.index("path")
+        cols = {name: names.index(name) for name in ("camera", "time") if name in names}
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row) or len(row) <= col_path:
+                continue
+            fields: dict[str, Any] = {}
+            for name, col in cols.items():
+                cell = row[col].strip() if col < len(row) else ""
+                where = f"{path} line {reader.line_num}, {name}"
+                fields[name] = (parse_time(cell, where) if name == "time"
+                                else check_camera(cell or None, where))
+            out[row[col_path].strip()] = fields
+    return out
+
+
+@dataclass
+class Fields:
+    """Labels, cameras and capture times of some images (None where unknown; ``cameras``
+    None altogether: from the file names)."""
+
+    labels: list[str | None]
+    cameras: list[str | None] | None
+    times: list[float | None] | None
+
+
+def _match_csv(table: dict[str, Any], images: list[Path], folder: Path,
+               labels_csv: str | os.PathLike) -> dict[str, Any]:
+    """The CSV's rows by image path (as listed), refusing rows naming no image."""
     by_path = {os.path.normpath(p): p for p in map(str, images)}
-    labels: dict[str, str] = {}
+    found: dict[str, Any] = {}
     unknown = []
-    for name, label in table.items():
+    for name, value in table.items():
         key = os.path.normpath(name if os.path.isabs(name) else os.path.join(folder, name))
         if key in by_path:
-            labels[by_path[key]] = label
+            found[by_path[key]] = value
         else:
             unknown.append(name)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
         raise ValueError(f"{labels_csv}: {len(unknown)} image(s) not found under {folder}: "
                          f"{shown}")
-    return [labels.get(str(p)) for p in images]
+    return found
+
+
+def _fields_for(images: list[Path], folder: Path, labels_csv: str | os.PathLike | None
+                ) -> Fields:
+    """Labels of ``images`` from the CSV (images it does not name get None) or folders, and
+    cameras and times from the CSV's camera and time columns when it has them."""
+    if labels_csv is None:
+        return Fields(labels_from_folders(images, folder), None, None)
+    labels = _match_csv(labels_from_csv(labels_csv), images, folder, labels_csv)
+    extras = _match_csv(fields_from_csv(labels_csv), images, folder, labels_csv)
+    cameras = times = None
+    if extras:
+        first = next(iter(extras.values()))
+        if "camera" in first:
+            cameras = [extras.get(str(p), {}).get("camera") for p in images]
+        if "time" in first:
+            times = [extras.get(str(p), {}).get("time") for p in images]
+    return Fields([labels.get(str(p)) for p in images], cameras, times)
 
 
 def _check_model(index: GalleryIndex, model: Embedder) -> None:
@@ -216,39 +270,65 @@ class Embedded:
     paths: list[str]
     labels: list[str | None]
     failed: list[tuple[str, str]]
+    cameras: list[str | None] | None = None
+    times: list[float | None] | None = None
+
+    def subset(self, keep: list[int]) -> Embedded:
+        """The rows ``keep`` only."""
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in keep]
+
+        return Embedded(self.features[keep], [self.paths[i] for i in keep],
+                        [self.labels[i] for i in keep], self.failed, pick(self.cameras),
+                        pick(self.times))
+
+    def add_to(self, index: GalleryIndex, model_id: str) -> int:
+        """Add these rows to ``index``; returns how many were new."""
+        return index.add(self.features, self.paths, self.labels, model_id=model_id,
+                         cameras=self.cameras, times=self.times)
 
 
-def embed_images(model: Embedder, images: list[Path], labels: list[str | None],
+def embed_images(model: Embedder, images: list[Path], labels: list[str | None] | Fields,
                  progress: bool) -> Embedded:
     """Embed ``images``; those that cannot be read are returned in ``failed`` (each once,
-    with its reason; reporting them is the caller's job)."""
+    with its reason; reporting them is the caller's job). ``labels`` may be a
+    :class:`Fields` with cameras and times too."""
+    fields = labels if isinstance(labels, Fields) else Fields(list(labels), None, None)
     features, kept, failed = model.embed_files(images, progress=progress)
-    label_of = {str(p): label for p, label in zip(images, labels, strict=True)}
-    return Embedded(features, [str(p) for p in kept], [label_of[str(p)] for p in kept],
-                    list(failed))
+    where = {str(p): i for i, p in enumerate(images)}
+    rows = [where[str(p)] for p in kept]
+
+    def pick(values: list | None) -> list | None:
+        return None if values is None else [values[i] for i in rows]
+
+    return Embedded(features, [str(p) for p in kept], pick(fields.labels), list(failed),
+                    pick(fields.cameras), pick(fields.times))
 
 
 def _embed_into(index: GalleryIndex, model: Embedder, images: list[Path],
-                labels: list[str | None], progress: bool) -> list[tuple[str, str]]:
-    done = embed_images(model, images, labels, progress)
-    index.add(done.features, done.paths, done.labels, model_id=model.identity)
+                fields: Fields, progress: bool) -> list[tuple[str, str]]:
+    done = embed_images(model, images, fields, progress)
+    done.add_to(index, model.identity)
     return done.failed
 
 
 def build_index(model: Embedder, images_dir: str | os.PathLike,
-                labels_csv: str | os.PathLike | None = None, kind: str = "flat",
+                labels_csv: str | os.PathLike | None = None, kind: str = DEFAULT_KIND,
                 threshold: float | None = None, threshold_source: dict[str, Any] | None = None,
-                progress: bool = True, **ann_params: int | None
-                ) -> tuple[GalleryIndex, list[tuple[str, str]]]:
+                progress: bool = True, replace: bool = False, embedded: Embedded | None = None,
+                **settings: Any) -> tuple[GalleryIndex, list[tuple[str, str]]]:
     """Embed every image under ``images_dir`` (see :func:`list_images`) with ``model`` into
     a new index; returns ``(index, failed)``, ``failed`` listing ``(path, reason)`` for the
     images that could not be read (skipped, never fatal).
 
     ``failed`` also lists the files under the folder that were left out without being read
     (dangling links, files that are not images; see :func:`scan_images`). Paths are stored
-    absolute. Labels come from ``labels_csv`` (see :func:`labels_from_csv`) or else from
-    sub-folder names (:func:`labels_from_folders`). ``ann_params`` (``nlist``, ``nprobe``)
-    configure ``kind="ivf"``.
+    absolute. Labels come from ``labels_csv`` (see :func:`labels_from_csv`; its optional
+    ``camera`` and ``time`` columns give those, else cameras come from dataset-style file
+    names) or else from sub-folder names (:func:`labels_from_folders`). ``settings``
+    configure the backend (``nlist``, ``nprobe`` for ivf; ``store``, ``collection`` for
+    qdrant; ``replace`` lets it empty an existing collection). ``embedded``: descriptors
+    already made (a sharded build), used instead of embedding.
     """
     folder = _folder(images_dir).absolute()
     scan = scan_images(folder)
@@ -256,33 +336,39 @@ def build_index(model: Embedder, images_dir: str | os.PathLike,
         raise ValueError(f"no images found under {folder} (looked for "
                          f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case, and any file "
                          "an image format recognises)")
-    labels = _labels_for(scan.images, folder, labels_csv)
+    fields = _fields_for(scan.images, folder, labels_csv)
+    done = embedded if embedded is not None else embed_images(model, scan.images, fields,
+                                                              progress)
     index = GalleryIndex.create(model.identity, model.metric, int(model.descriptor_dim), kind,
-                                **ann_params)
+                                replace=replace, **settings)
     index.set_threshold(threshold, threshold_source)
-    failed = _embed_into(index, model, scan.images, labels, progress)
-    return index, scan.skipped + failed
+    done.add_to(index, model.identity)
+    return index, scan.skipped + done.failed
 
 
 def _new_images(index: GalleryIndex, images_dir: str | os.PathLike,
-                labels_csv: str | os.PathLike | None) -> tuple[list[Path], list[str | None],
+                labels_csv: str | os.PathLike | None) -> tuple[list[Path], Fields,
                                                              list[tuple[str, str]]]:
-    """The images under ``images_dir`` that ``index`` does not hold, their labels, and the
+    """The images under ``images_dir`` that ``index`` does not hold, their fields, and the
     files skipped by the scan."""
     folder = _folder(images_dir).absolute()
     scan = scan_images(folder)
-    labels = _labels_for(scan.images, folder, labels_csv)
+    fields = _fields_for(scan.images, folder, labels_csv)
     held = _held_paths(index)
-    new = [(p, label) for p, label in zip(scan.images, labels, strict=True)
-           if os.path.normpath(p) not in held]
-    if len(new) < len(scan.images):
-        logger.info("%d image(s) under %s are already in the index", len(scan.images) - len(new),
-                    folder)
-    return [p for p, _ in new], [label for _, label in new], scan.skipped
+    keep = [i for i, p in enumerate(scan.images) if os.path.normpath(p) not in held]
+    if len(keep) < len(scan.images):
+        logger.info("%d image(s) under %s are already in the index",
+                    len(scan.images) - len(keep), folder)
+
+    def pick(values: list | None) -> list | None:
+        return None if values is None else [values[i] for i in keep]
+
+    return ([scan.images[i] for i in keep],
+            Fields(pick(fields.labels), pick(fields.cameras), pick(fields.times)), scan.skipped)
 
 
 def _held_paths(index: GalleryIndex) -> set[str]:
-    return {os.path.normpath(index.file_path(i)) for i in range(index.count)}
+    return {os.path.normpath(index.resolve_path(p)) for p in index.paths}
 
 
 def add_to_index(index: GalleryIndex, model: Embedder, images_dir: str | os.PathLike,
@@ -294,10 +380,10 @@ def add_to_index(index: GalleryIndex, model: Embedder, images_dir: str | os.Path
     (:class:`IndexMismatchError` otherwise). :func:`add_to_index_file` does the same to an
     index file that other processes may be writing."""
     _check_model(index, model)
-    images, labels, skipped = _new_images(index, images_dir, labels_csv)
+    images, fields, skipped = _new_images(index, images_dir, labels_csv)
     if not images:
         return skipped
-    return skipped + _embed_into(index, model, images, labels, progress)
+    return skipped + _embed_into(index, model, images, fields, progress)
 
 
 def add_to_index_file(path: str | os.PathLike | GalleryIndex, model: Embedder,
@@ -322,8 +408,8 @@ def add_to_index_file(path: str | os.PathLike | GalleryIndex, model: Embedder,
         raise ValueError("add_to_index_file needs an index that was loaded from a file")
     path = snapshot.source
     _check_model(snapshot, model)
-    images, labels, skipped = _new_images(snapshot, images_dir, labels_csv)
-    done = embed_images(model, images, labels, progress) if images else None
+    images, fields, skipped = _new_images(snapshot, images_dir, labels_csv)
+    done = embed_images(model, images, fields, progress) if images else None
 
     def add(index: GalleryIndex) -> int:
         _check_model(index, model)  # the file may have been rebuilt by another model
@@ -331,10 +417,8 @@ def add_to_index_file(path: str | os.PathLike | GalleryIndex, model: Embedder,
             return 0
         held = _held_paths(index)
         keep = [i for i, p in enumerate(done.paths) if os.path.normpath(p) not in held]
-        if keep:
-            index.add(done.features[keep], [done.paths[i] for i in keep],
-                      [done.labels[i] for i in keep], model_id=model.identity)
-        return len(keep)
+        # Ids (content and path) make the addition idempotent for the rest as well.
+        return done.subset(keep).add_to(index, model.identity) if keep else 0
 
     if done is None or not done.paths:
         return snapshot, 0, skipped + (done.failed if done else [])

@@ -486,6 +486,8 @@ class GalleryIndex:
                     raise IndexFileError(f"{path}: damaged gallery index ({one_line(exc)}); "
                                          "rebuild it or restore a copy") from exc
         index.signature = signature
+        # Outside the file's error handling: a missing or foreign collection is not damage.
+        index.backend.open(index.model_id, create=False, source=index._where())
         return index
 
     @classmethod
@@ -534,7 +536,6 @@ class GalleryIndex:
         index.backend.read(zf, meta, bad)
         if index.backend.count != count:
             raise bad(f"{META_MEMBER} says {count} items, the gallery holds {index.backend.count}")
-        index.backend.open(index.model_id, create=False, source=index._where())
         return index
 
     def info(self) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Endpoints (all errors are 4xx/5xx with ``{"error": "<one line>"}`` and never sto
 
 - ``GET /``: the page (``static/index.html``).
 - ``GET /healthz``: ``{"status": "ok", "gallery_size": N}``.
-- ``POST /api/search?k=10`` (multipart ``image``): ranked matches with ids and image URLs.
+- ``POST /api/search?k=10`` (multipart ``image``; optional ``camera_not`` (repeatable),
+  ``after``, ``before``: the filters of ``esreid search``): ranked matches with ids and
+  image URLs.
 - ``POST /api/explain`` (multipart ``image``, form ``gallery_id``): CG-RAM overlays as PNG
   data URLs; 404 naming the id when its file is gone.
 - ``POST /api/gallery`` (multipart ``image``, one or more, and optional form ``label``: one
@@ -205,12 +207,14 @@ class GalleryService:
         with self.model_lock:
             return self.model.embed(images)
 
-    def search(self, image: Image.Image, k: int) -> dict[str, Any]:
-        """Ranked matches of a query image."""
+    def search(self, image: Image.Image, k: int, flt: Any = None) -> dict[str, Any]:
+        """Ranked matches of a query image among the items ``flt`` (a
+        :class:`esreid.search.SearchFilter`, default none) keeps."""
         features = self.embed([image])
         with self.lock:
             index = self.current()
-            (matches,) = index.search(features, top_k=k, model_id=self.model.identity)
+            (matches,) = index.search(features, top_k=k, model_id=self.model.identity,
+                                      filter=flt)
             threshold = index.threshold
         return {"matches": [{**m.to_dict(), "id": m.index,
                              "image_url": f"/api/gallery/{m.index}/image"} for m in matches],
@@ -377,11 +381,20 @@ def create_app(index_path: str | os.PathLike, model: Any = None, token: str | No
 
     @app.post("/api/search")
     async def search(image: Annotated[UploadFile, File()],
-                     k: Annotated[int, Query(ge=1, le=max_k)] = 10):
+                     k: Annotated[int, Query(ge=1, le=max_k)] = 10,
+                     camera_not: Annotated[list[str] | None, Query()] = None,
+                     after: Annotated[str | None, Query()] = None,
+                     before: Annotated[str | None, Query()] = None):
+        from esreid.search import SearchFilter
+
+        try:
+            flt = SearchFilter.make(camera_not, after, before)
+        except ValueError as err:
+            return error(400, str(err))
         name, data = await read_upload(image)
         # Decoding is heavy (large images): a worker thread, never the event loop.
         query = await _in_thread(service.decode, data, name)
-        return await _in_thread(service.search, query, k)
+        return await _in_thread(service.search, query, k, flt)
 
     @app.post("/api/explain")
     async def explain(image: Annotated[UploadFile, File()], gallery_id: Annotated[int, Form()]):
