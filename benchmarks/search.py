@@ -1,34 +1,37 @@
 """Query latency and memory of gallery search (esreid.search) on random ES-Net-sized descriptors.
 
-    python benchmarks/search.py [--dim 4096] [--sizes 10000 100000] [--memory-gb 8]
-                                [--queries 100] [--ivf-size 100000] [--threads N]
+    python benchmarks/search.py [--dim 4096] [--sizes 10000 100000] [--queries 100]
+                                [--batches 10] [--batch 32] [--ivf-size 0] [--threads N]
+                                [--cases flat numpy numpy-f32 qdrant brute]
 
-Cases, each in its own child process so its peak RSS is its own, at each ``--sizes`` and at
-the largest gallery whose features plus faiss's copy fit in ``--memory-gb``
-(``N = memory / (2 * dim * 4 bytes)``; 262,144 for 8 GiB at D = 4096):
+Cases, each in its own child process so its peak RSS is its own, at each ``--sizes``:
 
-* flat   -- ``GalleryIndex(kind="flat").search_arrays`` of one query at a time: faiss flat
-            scan, exact float64 rescoring of the candidates, the exactness check.
-* numpy  -- the same with ``kind="numpy"``: a BLAS matrix-vector scan of the features
-            themselves instead of faiss (no second copy).
-* brute  -- a bare numpy brute force for comparison, as evaluation ranks: a normalised
-            gallery copy (cosine), one matrix-vector product per query, argpartition for the
-            top 10 and a stable sort of those; no exactness check.
-* ivf    -- ``kind="ivf"`` (faiss IndexIVFFlat, default nlist unless given) at ``--ivf-size``:
-            build time, then latency and recall@10 against exact search for each
-            ``--nprobe`` (default: nlist/16, nlist/8 and the index's default nlist/4).
+* flat      -- ``kind="flat"``: faiss flat scan, exact float64 rescoring of the candidates,
+               the exactness check.
+* numpy     -- ``kind="numpy"``, the default, as it chooses its kernel (``scan="auto"``:
+               the bfloat16 copy for cosine galleries of 20,000 or more, else float32 BLAS).
+* numpy-f32 -- ``kind="numpy", scan="float32"``: the float32 BLAS scan of the features.
+* qdrant    -- ``kind="qdrant"`` in qdrant-client's local mode, in memory (``:memory:``: a
+               local folder persists every point with its own SQLite commit, about 60
+               points/s here, so 100,000 points would take half an hour to add).
+* brute     -- a bare numpy brute force for comparison, as evaluation ranks: a normalised
+               gallery copy (cosine), one matrix product, argpartition for the top 10 and a
+               stable sort of those; no exactness check.
+* ivf       -- ``kind="ivf"`` at ``--ivf-size`` (0: skipped): latency and recall@10.
 
-"add" is the time spent adding the gallery (copies, normalising, faiss's copy, IVF
-training), not generating it. Latency excludes embedding: queries are descriptors.
-Top-10 for every case; p50/p99 over
-``--queries`` single-query searches after 5 warm-up ones. "agrees" says whether the case
-returned the same top-10 positions as the bare brute force; "widened" counts the queries
-whose exactness check needed the second (range) pass.
+Single: p50/p99 over ``--queries`` one-query searches after 5 warm-up ones. Batched: p50/p99
+of the wall time of ``--batches`` searches of ``--batch`` queries at once, and that time
+divided by the batch size (per query). "add" is the time spent adding the gallery, not
+generating it. Latency excludes embedding: queries are descriptors. Top-10 for every case.
+"agrees" says whether the case returned the same top-10 positions as the bare brute force
+for every single query; "widened" counts the single queries whose exactness check needed
+the second (range) pass.
 
 Descriptors are clustered like a trained model's: identities of about 8 images, each image
 its identity's centre (in a 64-d subspace) plus isotropic noise, so same-identity cosine
 similarity is about 0.67 and different-identity about 0 +- 0.09; queries are fresh images of
-gallery identities (each in the gallery about 8 times, Poisson-distributed). Figures depend on the machine and on what else runs on it.
+gallery identities (each in the gallery about 8 times, Poisson-distributed). Figures depend
+on the machine and on what else runs on it.
 """
 
 from __future__ import annotations
@@ -95,37 +98,70 @@ def latencies(search, q: np.ndarray) -> tuple[list[float], list[list[int]]]:
         t0 = time.perf_counter()
         top = search(q[i:i + 1])
         times.append(time.perf_counter() - t0)
-        tops.append([int(v) for v in top])
+        tops.append([int(v) for v in top[0]])
     return times, tops
 
 
-def summary(times: list[float]) -> dict:
+def batch_latencies(search, q: np.ndarray, batches: int, size: int) -> list[float]:
+    """Wall time of ``batches`` searches of ``size`` queries at once (after one warm-up)."""
+    search(q[:size])
+    times = []
+    for b in range(batches):
+        chunk = np.roll(q, -b * size, axis=0)[:size]
+        t0 = time.perf_counter()
+        search(chunk)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float], prefix: str = "") -> dict:
     ms = np.asarray(times) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {f"{prefix}p50_ms": float(np.percentile(ms, 50)),
+            f"{prefix}p99_ms": float(np.percentile(ms, 99))}
 
 
-def case_exact(kind: str, n: int, dim: int, nq: int, metric: str) -> dict:
+def case_index(case: str, n: int, dim: int, nq: int, metric: str, batches: int,
+               batch: int) -> dict:
     from esreid.search import GalleryIndex
 
-    index = GalleryIndex.create("bench", metric, dim, kind)
+    kind, settings = {"flat": ("flat", {}), "numpy": ("numpy", {}),
+                      "numpy-f32": ("numpy", {"scan": "float32"}),
+                      "qdrant": ("qdrant", {"store": ":memory:", "collection": "bench"})}[case]
+    index = GalleryIndex.create("bench", metric, dim, kind, **settings)
     build = 0.0
-    for chunk in gallery_chunks(n, dim):
+    # Qdrant takes the gallery in pieces anyway; the in-memory kinds grow their blocks.
+    for start, chunk in enumerate(gallery_chunks(n, dim)):
         t0 = time.perf_counter()
-        index.add(chunk, [""] * len(chunk))
+        first = start * CHUNK
+        index.add(chunk, [f"{i}" for i in range(first, first + len(chunk))],
+                  ids=[f"00000000-0000-4000-8000-{i:012d}" for i in range(first, first + len(chunk))])
         build += time.perf_counter() - t0
+    backend = index.backend
     widened = []
-    within = index._within
+    if hasattr(backend, "within"):
+        within = backend.within
 
-    def counted(*args):
-        widened.append(1)
-        return within(*args)
+        def counted(*args):
+            widened.append(1)
+            return within(*args)
 
-    index._within = counted
-    times, tops = latencies(lambda x: index.search_arrays(x, TOP_K)[0][0], queries(n, dim, nq))
-    return {"build_s": build, **summary(times), "widened": len(widened), "tops": tops}
+        backend.within = counted
+    q = queries(n, dim, max(nq, batch))
+
+    def search(x):
+        return index.search_arrays(x, TOP_K)[0]
+
+    times, tops = latencies(search, q[:nq])
+    out = {"build_s": build, **summary(times), "widened": len(widened), "tops": tops,
+           "kernel": getattr(backend, "kernel", None)}
+    if batches:
+        bt = batch_latencies(search, q, batches, batch)
+        out.update(summary(bt, "batch_"))
+        out.update(summary([t / batch for t in bt], "per_query_"))
+    return out
 
 
-def case_brute(n: int, dim: int, nq: int, metric: str) -> dict:
+def case_brute(n: int, dim: int, nq: int, metric: str, batches: int, batch: int) -> dict:
     feats = np.empty((n, dim), dtype=np.float32)
     start = 0
     for chunk in gallery_chunks(n, dim):
@@ -144,22 +180,30 @@ def case_brute(n: int, dim: int, nq: int, metric: str) -> dict:
     build = time.perf_counter() - t0
 
     def search(x: np.ndarray) -> np.ndarray:
-        q = x[0]
         if metric == "cosine":
-            d = 1.0 - gallery @ (q / max(float(np.linalg.norm(q)), 1e-12))
+            qn = x / np.maximum(np.linalg.norm(x, axis=1), 1e-12)[:, None]
+            d = 1.0 - qn @ gallery.T
         else:
-            d = np.sqrt(np.maximum(g_sq - 2.0 * (gallery @ q) + float(q @ q), 0.0))
-        part = np.argpartition(d, TOP_K - 1)[:TOP_K]
-        return part[np.lexsort((part, d[part]))]
+            d = np.sqrt(np.maximum(g_sq[None] - 2.0 * (x @ gallery.T)
+                                   + np.einsum("ij,ij->i", x, x)[:, None], 0.0))
+        part = np.argpartition(d, TOP_K - 1, axis=1)[:, :TOP_K]
+        vals = np.take_along_axis(d, part, axis=1)
+        return np.stack([p[np.lexsort((p, v))] for p, v in zip(part, vals, strict=True)])
 
-    times, tops = latencies(search, queries(n, dim, nq))
-    return {"build_s": build, **summary(times), "tops": tops}
+    q = queries(n, dim, max(nq, batch))
+    times, tops = latencies(search, q[:nq])
+    out = {"build_s": build, **summary(times), "tops": tops}
+    if batches:
+        bt = batch_latencies(search, q, batches, batch)
+        out.update(summary(bt, "batch_"))
+        out.update(summary([t / batch for t in bt], "per_query_"))
+    return out
 
 
 def case_ivf(n: int, dim: int, nq: int, metric: str, nlist: int | None,
              nprobes: list[int] | None) -> dict:
     from esreid.search import GalleryIndex, recall_at_k
-    from esreid.search.index import default_nlist
+    from esreid.search.backends.faiss import default_nlist
 
     # The first batch added trains the lists: size them for the whole gallery.
     nlist = nlist or default_nlist(n)
@@ -182,7 +226,7 @@ def case_ivf(n: int, dim: int, nq: int, metric: str, nlist: int | None,
     runs = []
     for nprobe in nprobes or [max(1, nlist // 16), max(1, nlist // 8), index.nprobe]:
         index.nprobe = nprobe
-        times, _ = latencies(lambda x: index.search_arrays(x, TOP_K)[0][0], q)
+        times, _ = latencies(lambda x: index.search_arrays(x, TOP_K)[0], q)
         runs.append({"nprobe": nprobe, **summary(times), "recall": recall_at_k(index, q, TOP_K)})
     return {"build_s": build, "nlist": index.nlist, "runs": runs}
 
@@ -190,13 +234,15 @@ def case_ivf(n: int, dim: int, nq: int, metric: str, nlist: int | None,
 def run_case(args: argparse.Namespace, case: str, n: int) -> dict:
     """Run one case in a child process; returns its measurements (or an error)."""
     cmd = [sys.executable, __file__, "--child", case, str(n), "--dim", str(args.dim),
-           "--queries", str(args.queries), "--threads", str(args.threads), "--metric", args.metric]
+           "--queries", str(args.queries), "--threads", str(args.threads), "--metric", args.metric,
+           "--batches", str(args.batches), "--batch", str(args.batch)]
     if args.nlist:
         cmd += ["--nlist", str(args.nlist)]
     if args.nprobe:
         cmd += ["--nprobe", *map(str, args.nprobe)]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {done.returncode}: {tail}"}
@@ -207,81 +253,82 @@ def run_case(args: argparse.Namespace, case: str, n: int) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     import faiss
+    import torch
 
     faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     case, n = args.child[0], int(args.child[1])
-    if case in ("flat", "numpy"):
-        out = case_exact(case, n, args.dim, args.queries, args.metric)
-    elif case == "brute":
-        out = case_brute(n, args.dim, args.queries, args.metric)
-    else:
+    if case == "brute":
+        out = case_brute(n, args.dim, args.queries, args.metric, args.batches, args.batch)
+    elif case == "ivf":
         out = case_ivf(n, args.dim, args.queries, args.metric, args.nlist, args.nprobe)
+    else:
+        out = case_index(case, n, args.dim, args.queries, args.metric, args.batches, args.batch)
     out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
+
+
+NAMES = {"flat": "exact, kind=flat (faiss)", "numpy": "exact, kind=numpy (default: auto kernel)",
+         "numpy-f32": "exact, kind=numpy scan=float32 (BLAS)",
+         "qdrant": "exact, kind=qdrant (local mode, in memory)",
+         "brute": "bare numpy brute force (no exactness check)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=4096, help="descriptor length (ES-Net R50: 4096)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
-    parser.add_argument("--memory-gb", type=float, default=8.0,
-                        help="GiB for features + faiss copy of the largest case (0: skip it)")
     parser.add_argument("--queries", type=int, default=100, help="timed single queries per case")
-    parser.add_argument("--ivf-size", type=int, default=100_000, help="0: skip the ivf case")
+    parser.add_argument("--batches", type=int, default=10, help="timed batches per case (0: none)")
+    parser.add_argument("--batch", type=int, default=32, help="queries per batch")
+    parser.add_argument("--ivf-size", type=int, default=0, help="0: skip the ivf case")
     parser.add_argument("--nlist", type=int, default=None)
     parser.add_argument("--nprobe", type=int, nargs="*", default=None)
     parser.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["flat", "numpy", "brute"],
-                        help="exact cases to leave out")
+    parser.add_argument("--cases", nargs="*", default=list(NAMES), choices=list(NAMES))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
 
-    sizes = list(args.sizes)
-    if args.memory_gb > 0:
-        sizes.append(int(args.memory_gb * GIB // (2 * args.dim * 4)))
-    print(f"dim {args.dim}, {args.metric}, top-{TOP_K}, {args.queries} single queries per case, "
-          f"{args.threads} threads, {os.cpu_count()} cores", flush=True)
-    cases = [c for c in ("flat", "numpy", "brute") if c not in args.skip]
-    names = {"flat": "exact, kind=flat (faiss)", "numpy": "exact, kind=numpy (BLAS)",
-             "brute": "bare numpy brute force"}
+    print(f"dim {args.dim}, {args.metric}, top-{TOP_K}, {args.queries} single queries and "
+          f"{args.batches} batches of {args.batch} per case, {args.threads} threads, "
+          f"{os.cpu_count()} cores", flush=True)
     rows = []
-    for n in sizes:
+    for n in args.sizes:
         results = {}
-        for case in cases:
+        for case in args.cases:
             results[case] = run_case(args, case, n)
             shown = {k: v for k, v in results[case].items() if k != "tops"}
             print(f"  {case} {n}: {json.dumps(shown)}", flush=True)
         reference = results.get("brute", {}).get("tops")
-        for case in cases:
+        for case in args.cases:
             res = results[case]
             agree = "-" if reference is None or "tops" not in res or case == "brute" \
                 else ("yes" if res["tops"] == reference else "NO")
-            copies = 1 if case == "numpy" else 2
-            rows.append((names[case], n, copies * n * args.dim * 4 / GIB, res, agree))
+            rows.append((NAMES[case], n, res, agree))
     if args.ivf_size > 0:
         ivf = run_case(args, "ivf", args.ivf_size)
-        gb = 2 * args.ivf_size * args.dim * 4 / GIB
         print(f"  ivf {args.ivf_size}: {json.dumps(ivf)}", flush=True)
-        for run in ivf.get("runs", [{"nprobe": "?"}]):
-            label = f"approximate, kind=ivf (nlist {ivf.get('nlist')}, nprobe {run['nprobe']})"
-            rows.append((label, args.ivf_size, gb, {**ivf, **run} if "error" not in ivf else ivf, "-"))
+        for run in ivf.get("runs", []):
+            print(f"  ivf nprobe {run['nprobe']}: p50 {run['p50_ms']:.1f} ms, p99 "
+                  f"{run['p99_ms']:.1f} ms, recall@10 {run['recall']:.3f}")
 
     print()
-    print("| search | gallery | features (+ copy) | add | p50 | p99 | peak RSS | "
-          "recall@10 | agrees | widened |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
-    for name, n, gb, res, agree in rows:
+    print(f"| search | gallery | add | single p50 | single p99 | batch of {args.batch} p50 | "
+          f"batch p99 | per query in a batch (p50) | peak RSS | agrees | widened |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name, n, res, agree in rows:
         if "error" in res:
-            print(f"| {name} | {n:,} | {gb:.2f} GiB | {res['error']} | | | | | | |")
+            print(f"| {name} | {n:,} | {res['error']} | | | | | | | | |")
             continue
-        recall = f"{res['recall']:.3f}" if "recall" in res else \
-            ("1 (exact)" if name.startswith("exact") else "-")
-        print(f"| {name} | {n:,} | {gb:.2f} GiB | {res['build_s']:.1f} s | {res['p50_ms']:.1f} ms"
-              f" | {res['p99_ms']:.1f} ms | {res['peak_rss_mb'] / 1024:.2f} GiB | {recall} | "
+        kernel = f" [{res['kernel']}]" if res.get("kernel") else ""
+        batch = (f"{res['batch_p50_ms']:.1f} ms | {res['batch_p99_ms']:.1f} ms | "
+                 f"{res['per_query_p50_ms']:.1f} ms") if "batch_p50_ms" in res else "- | - | -"
+        print(f"| {name}{kernel} | {n:,} | {res['build_s']:.1f} s | {res['p50_ms']:.1f} ms | "
+              f"{res['p99_ms']:.1f} ms | {batch} | {res['peak_rss_mb'] / 1024:.2f} GiB | "
               f"{agree} | {res.get('widened', '-')} |")
 
 

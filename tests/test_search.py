@@ -795,3 +795,27 @@ def test_add_to_index_file_keeps_what_was_added_while_it_embedded(tmp_path):
                            str(own)]
     assert final.labels == ["ann", "bob", "cy", "bob"]
     assert saved.paths == final.paths
+
+
+# -- the numpy kind's bfloat16 scan (issue 22) -------------------------------------------------
+
+def test_the_bfloat16_scan_stays_within_its_bound_and_ranks_exactly():
+    pytest.importorskip("torch")
+    from esreid.search.backends.numpy import bf16_scan_bound
+    from esreid.search.exact import exact_keys
+
+    g, q = tricky_gallery(7, n=400, dim=64)
+    half = make_index(g, "numpy", "cosine", scan="bfloat16")
+    full = make_index(g, "numpy", "cosine", scan="float32")
+    assert half.backend.kernel == "bfloat16" and full.backend.kernel == "float32"
+    scanned = half.backend.scan_all(q[1:])
+    exact = np.stack([exact_keys(row, g, "cosine") for row in q[1:]])
+    # The premise of exactness on this machine's kernels: the scan errs within its bound.
+    assert np.abs(scanned - exact).max() <= bf16_scan_bound(64)
+    for top_k in (1, 10, 45, 405):
+        for a, b in zip(half.search_arrays(q, top_k), full.search_arrays(q, top_k), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # Large cosine galleries get it by default; euclidean ones, and small ones, never.
+    assert make_index(g, "numpy", "euclidean").backend.kernel == "float32"
+    with pytest.raises(ValueError, match="scan='bfloat16' applies to cosine galleries only"):
+        GalleryIndex.create("m", "euclidean", 8, "numpy", scan="bfloat16")

@@ -173,7 +173,8 @@ def exact_top_k(q: np.ndarray, top_k: int, *, metric: str, total: int,
                 rows: Callable[[np.ndarray], np.ndarray],
                 within: Callable[[np.ndarray, float], np.ndarray],
                 first: Callable[[int], np.ndarray],
-                bound: Callable[[float], float] | None) -> tuple[np.ndarray, np.ndarray]:
+                bound: Callable[[float], float] | None, margin: int = CANDIDATE_MARGIN
+                ) -> tuple[np.ndarray, np.ndarray]:
     """The exact ``top_k`` of each query ``[Q, D]`` among ``total`` searchable rows, from a
     backend's float32 scan; returns gallery positions (int64) and distances (float32), both
     ``[Q, min(top_k, total)]``, padded with -1 and inf where an approximate scan finds fewer.
@@ -183,7 +184,9 @@ def exact_top_k(q: np.ndarray, top_k: int, *, metric: str, total: int,
     float32 descriptors; ``within(query, radius)``, every position whose scanned key is at
     most ``radius``; ``first(k)``, the first ``k`` searchable positions in gallery order; and
     ``bound(query_norm)``, how far its scan's keys can be from the exact ones (None for an
-    approximate backend, whose candidates are rescored but not completed). Candidates are
+    approximate backend, whose candidates are rescored but not completed). The scan is asked
+    for ``top_k + max(top_k, margin)`` rows: a coarser scan (a larger bound) asks for more,
+    so that the second pass stays rare. Candidates are
     rescored in float64 (:func:`exact_keys`); when a row the scan left out could tie or beat
     the k-th, every row within the bound is taken, which is then provably all of them.
     """
@@ -192,7 +195,7 @@ def exact_top_k(q: np.ndarray, top_k: int, *, metric: str, total: int,
     out_dist = np.full((q.shape[0], k), np.inf, dtype=np.float32)
     if k == 0 or q.shape[0] == 0:
         return out_idx, out_dist
-    n_cand = min(total, k + max(k, CANDIDATE_MARGIN))
+    n_cand = min(total, k + max(k, margin))
     approx, cand = scan(q, n_cand)
     q_norms = row_norms(q)
     for i in range(q.shape[0]):
